@@ -1,0 +1,345 @@
+"""Recording invocations while a pipeline function runs, and compiling them to a Graph."""
+
+from __future__ import annotations
+
+import contextvars
+import difflib
+import inspect
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowcore._graph import Graph, MapSpec, Node, OutputRef, contains_ref, iter_refs
+from flowcore._step import OutputHandle, Step, env_flag, unmapped
+from flowcore.config import RunConfigFile, StepConfigFile, StepRetryConfig
+from flowcore.exceptions import ConfigError, PipelineDefinitionError, StepInputError
+
+__all__ = ["Recorder", "ResolvedStepConfig", "compile_graph", "current_recorder"]
+
+_HOOK_KINDS = ("on_start", "on_success", "on_failure", "on_end")
+_recorder: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar(
+    "flowcore_recorder", default=None
+)
+
+
+def current_recorder() -> Recorder | None:
+    """The recorder of the pipeline function running now, if any."""
+    return _recorder.get()
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedStepConfig:
+    """One invocation's configuration after step > YAML > pipeline > default resolution."""
+
+    enable_cache: bool
+    retry: StepRetryConfig | None
+    hooks: Mapping[str, Any]
+    timeout: float | None
+    output_materializers: Mapping[str, Any]
+    settings: Mapping[str, Any]
+    step_operator: str | None
+    experiment_tracker: str | None
+    parameters: Mapping[str, Any]
+    enable_artifact_metadata: bool = True
+
+
+@dataclass(slots=True)
+class _Invocation:
+    id: str
+    step: Step
+    arguments: dict[str, Any]
+    after_ids: list[str] = field(default_factory=list)
+    mapping: str | None = None
+    mapped: tuple[str, ...] = ()
+
+
+def _to_refs(value: Any, where: str) -> Any:
+    """Replace output handles (also inside lists, tuples and dicts) by OutputRefs."""
+    if isinstance(value, OutputHandle):
+        if value.output_name is None:
+            raise PipelineDefinitionError(
+                f"{where}: step invocation '{value.invocation_id}' has no outputs, so it cannot "
+                "be passed as data; use after=[...] for an order-only dependency"
+            )
+        return OutputRef(value.invocation_id, value.output_name)
+    if isinstance(value, list):
+        return [_to_refs(v, where) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_to_refs(v, where) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_refs(v, where) for k, v in value.items()}
+    return value
+
+
+def _after_ids(after: Any) -> Iterator[str]:
+    if after is None:
+        return
+    if isinstance(after, str):
+        yield after
+    elif isinstance(after, OutputHandle):
+        yield after.invocation_id
+    elif isinstance(after, list | tuple | set | frozenset):
+        for a in after:
+            yield from _after_ids(a)
+    else:
+        raise PipelineDefinitionError(
+            f"after= takes invocation IDs or output handles, not {type(after).__name__}"
+        )
+
+
+class Recorder:
+    """Collects step invocations while a pipeline function runs."""
+
+    def __init__(self, pipeline_name: str) -> None:
+        self.pipeline_name = pipeline_name
+        self.invocations: dict[str, _Invocation] = {}
+
+    def _new_id(self, step: Step, explicit: str | None) -> str:
+        if explicit is not None:
+            if not isinstance(explicit, str) or not explicit:
+                raise PipelineDefinitionError(
+                    f"pipeline '{self.pipeline_name}': step '{step.name}' got invalid "
+                    f"step_name {explicit!r}"
+                )
+            if explicit in self.invocations:
+                raise PipelineDefinitionError(
+                    f"pipeline '{self.pipeline_name}': invocation ID '{explicit}' is used twice; "
+                    "give each invocation its own step_name="
+                )
+            return explicit
+        base = step.name
+        if base not in self.invocations:
+            return base
+        k = 2
+        while f"{base}_{k}" in self.invocations:
+            k += 1
+        return f"{base}_{k}"
+
+    def add_invocation(
+        self,
+        step: Step,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        after: Any,
+        invocation_id: str | None,
+        mapping: str | None = None,
+    ) -> Any:
+        inv_id = self._new_id(step, invocation_id)
+        where = f"pipeline '{self.pipeline_name}', step '{inv_id}'"
+        sig = step.signature
+        positional = [
+            s.name for s in sig.inputs.values()
+            if s.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(args) > len(positional):
+            raise StepInputError(
+                f"{where}: takes {len(positional)} positional argument(s) but {len(args)} "
+                "were given"
+            )
+        arguments: dict[str, Any] = {}
+        raw: dict[str, Any] = dict(zip(positional, args, strict=False))
+        for key, value in kwargs.items():
+            if key in raw:
+                raise StepInputError(f"{where}: got multiple values for argument '{key}'")
+            if key not in sig.inputs and not sig.has_var_keyword:
+                close = difflib.get_close_matches(key, list(sig.inputs), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise StepInputError(f"{where}: got an unexpected argument '{key}'{hint}")
+            raw[key] = value
+        mapped: list[str] = []
+        for key, value in raw.items():
+            if mapping is not None:
+                if isinstance(value, unmapped):
+                    value = value.value
+                elif (
+                    (positional and key == positional[0] and args)
+                    or isinstance(value, OutputHandle | list | tuple)
+                ):
+                    mapped.append(key)
+            arguments[key] = _to_refs(value, f"{where}, argument '{key}'")
+        if mapping is not None and not mapped:
+            raise StepInputError(f"{where}: .map()/.product() needs at least one sequence argument")
+        inv = _Invocation(inv_id, step, arguments, list(_after_ids(after)), mapping, tuple(mapped))
+        self.invocations[inv_id] = inv
+        if mapping is not None:
+            return OutputHandle(inv_id, "output")
+        names = sig.output_names
+        if not names:
+            return OutputHandle(inv_id, None)
+        if sig.multiple_outputs:
+            return tuple(OutputHandle(inv_id, n) for n in names)
+        return OutputHandle(inv_id, names[0])
+
+
+@contextmanager
+def recording(pipeline_name: str) -> Iterator[Recorder]:
+    """Make a new recorder current while a pipeline function runs."""
+    recorder = Recorder(pipeline_name)
+    token = _recorder.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _recorder.reset(token)
+
+
+def _merge_settings(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+                out[key] = {**out[key], **value}
+            else:
+                out[key] = value
+    return out
+
+
+def resolve_step_config(
+    inv: _Invocation,
+    pipeline_options: Mapping[str, Any],
+    yaml_step: StepConfigFile | None,
+    parameters: Mapping[str, Any],
+) -> ResolvedStepConfig:
+    """Resolve one invocation's config: YAML step block > step options > pipeline > default."""
+    opts = inv.step._options
+    y = yaml_step
+
+    def pick(key: str, default: Any) -> Any:
+        if y is not None and getattr(y, key, None) is not None:
+            return getattr(y, key)
+        if key in opts and opts[key] is not None:
+            return opts[key]
+        if key in pipeline_options and pipeline_options[key] is not None:
+            return pipeline_options[key]
+        return default
+
+    settings = _merge_settings(
+        pipeline_options.get("settings"), opts.get("settings"), y.settings if y else None
+    )
+    materializers = settings.pop("output_materializers", None) or {}
+    if opts.get("output_materializers"):
+        explicit = opts["output_materializers"]
+        materializers = explicit if isinstance(explicit, Mapping) else {"*": explicit}
+    elif not isinstance(materializers, Mapping):
+        materializers = {"*": materializers}
+    hooks = {k: opts.get(k) or pipeline_options.get(k) for k in _HOOK_KINDS}
+    retry = pick("retry", None)
+    if isinstance(retry, Mapping):
+        retry = StepRetryConfig.model_validate(retry)
+    timeout = (y.timeout if y and y.timeout is not None else opts.get("timeout"))
+    return ResolvedStepConfig(
+        enable_cache=bool(pick("enable_cache", True)),
+        retry=retry,
+        hooks={k: v for k, v in hooks.items() if v is not None},
+        timeout=timeout,
+        output_materializers=dict(materializers),
+        settings=settings,
+        step_operator=(y.step_operator if y and y.step_operator else opts.get("step_operator")),
+        experiment_tracker=(
+            y.experiment_tracker if y and y.experiment_tracker else opts.get("experiment_tracker")
+        ),
+        parameters=dict(parameters),
+        enable_artifact_metadata=bool(pick("enable_artifact_metadata", True)),
+    )
+
+
+def compile_graph(
+    pipeline_name: str,
+    recorder: Recorder,
+    pipeline_options: Mapping[str, Any],
+    run_config: RunConfigFile | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    outputs: Any = None,
+) -> Graph:
+    """Turn recorded invocations into an immutable, checked Graph.
+
+    Raises:
+        PipelineDefinitionError: an `after=` names no invocation, or there is a cycle.
+        ConfigError: the YAML `steps:` block names an unknown invocation or artifact input.
+        StepInputError: a required step argument is missing.
+    """
+    invs = recorder.invocations
+    yaml_steps = run_config.steps if run_config else {}
+    for sid in yaml_steps:
+        if sid not in invs:
+            raise ConfigError(
+                f"run configuration of pipeline '{pipeline_name}': 'steps' names '{sid}', "
+                f"which is no invocation; known: {', '.join(invs) or 'none'}"
+            )
+    enforce = env_flag("FLOWCORE_ENFORCE_TYPE_ANNOTATIONS")
+    index = {sid: i for i, sid in enumerate(invs)}
+    nodes: list[Node] = []
+    for i, inv in enumerate(invs.values()):
+        where = f"pipeline '{pipeline_name}', step '{inv.id}'"
+        sig = inv.step.signature
+        if enforce and sig.missing_annotations:
+            raise PipelineDefinitionError(
+                f"{where}: FLOWCORE_ENFORCE_TYPE_ANNOTATIONS is on and "
+                f"{', '.join(repr(m) for m in sig.missing_annotations)} "
+                "has no type annotation"
+            )
+        ystep = yaml_steps.get(inv.id)
+        arguments = dict(inv.arguments)
+        if ystep is not None:
+            for key, value in ystep.parameters.items():
+                if key not in sig.inputs and not sig.has_var_keyword:
+                    raise ConfigError(
+                        f"run configuration: {where} has no parameter '{key}'"
+                    )
+                if contains_ref(arguments.get(key)):
+                    raise ConfigError(
+                        f"run configuration: {where}, parameter '{key}' is an artifact input "
+                        "and cannot be set in the configuration"
+                    )
+                arguments[key] = value
+        for spec in sig.inputs.values():
+            if spec.required and spec.name not in arguments:
+                raise StepInputError(f"{where}: missing required argument '{spec.name}'")
+        data_parents: set[int] = set()
+        constants: dict[str, Any] = {}
+        direct: list[tuple[str, OutputRef]] = []
+        nested: list[tuple[str, Any]] = []
+        for key, value in arguments.items():
+            if isinstance(value, OutputRef):
+                direct.append((key, value))
+            elif contains_ref(value):
+                nested.append((key, value))
+            else:
+                constants[key] = value
+                continue
+            for ref in iter_refs(value):
+                data_parents.add(index[ref.node_id])
+        parents = set(data_parents)
+        for aid in inv.after_ids:
+            if aid not in index:
+                close = difflib.get_close_matches(aid, list(invs), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise PipelineDefinitionError(
+                    f"step '{inv.id}' has after='{aid}', which is no invocation in pipeline "
+                    f"'{pipeline_name}'{hint}"
+                )
+            if aid == inv.id:
+                raise PipelineDefinitionError(f"{where}: a step cannot run after itself")
+            parents.add(index[aid])
+        step_params = dict(constants)
+        for spec in sig.inputs.values():
+            if spec.name not in arguments and spec.default is not inspect.Parameter.empty:
+                step_params[spec.name] = spec.default
+        config = resolve_step_config(inv, pipeline_options, ystep, step_params)
+        nodes.append(
+            Node(
+                id=inv.id,
+                index=i,
+                step=inv.step,
+                config=config,
+                arguments=arguments,
+                parents=tuple(sorted(parents)),
+                data_parents=tuple(sorted(data_parents)),
+                map_spec=MapSpec(inv.mapped, inv.mapping == "product") if inv.mapping else None,
+                constants=constants,
+                direct_refs=tuple(direct),
+                nested_refs=tuple(nested),
+            )
+        )
+    return Graph(pipeline_name, nodes, parameters, outputs)

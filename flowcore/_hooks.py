@@ -1,0 +1,116 @@
+"""Hook binding (once, at compile time) and calling (per step, off the hot path when absent)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flowcore._models import StepStatus
+from flowcore.exceptions import PipelineDefinitionError
+
+__all__ = ["HOOK_KINDS", "BoundHook", "bind_hook"]
+
+HOOK_KINDS = ("on_start", "on_success", "on_failure", "on_end")
+_INJECTABLE = ("exception", "step_name", "step_output", "status")
+
+
+@dataclass(frozen=True, slots=True)
+class BoundHook:
+    """A hook and the arguments it asked for, each one of `exception`, `step_name`,
+    `step_output` or `status`."""
+
+    func: Callable[..., Any]
+    kind: str
+    wants: tuple[tuple[str, str], ...]
+    is_async: bool
+
+    @property
+    def label(self) -> str:
+        return getattr(self.func, "__qualname__", repr(self.func))
+
+    async def call(
+        self,
+        *,
+        exception: BaseException | None = None,
+        step_name: str = "",
+        step_output: Any = None,
+        status: StepStatus | None = None,
+    ) -> None:
+        available = {
+            "exception": exception,
+            "step_name": step_name,
+            "step_output": step_output,
+            "status": status,
+        }
+        kwargs = {param: available[what] for param, what in self.wants}
+        if self.is_async:
+            await self.func(**kwargs)
+        else:
+            # A sync hook may block (an HTTP post); it runs in a worker thread that sees the
+            # step context, like a sync step body.
+            await asyncio.to_thread(self.func, **kwargs)
+
+
+def _resolve(hook: Any, where: str) -> Callable[..., Any]:
+    if isinstance(hook, str):
+        module, _, attr = hook.rpartition(".")
+        try:
+            return typing.cast(Callable[..., Any], getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise PipelineDefinitionError(f"{where}: cannot import hook '{hook}': {exc}") from exc
+    if not callable(hook):
+        raise PipelineDefinitionError(f"{where}: hook {hook!r} is not callable")
+    return typing.cast(Callable[..., Any], hook)
+
+
+def bind_hook(hook: Any, kind: str, where: str) -> BoundHook:
+    """Inspect a hook once and decide what each of its parameters receives.
+
+    Args:
+        hook: a sync or async callable, or an import path to one.
+        kind: one of HOOK_KINDS.
+        where: names the pipeline and step in errors.
+
+    Raises:
+        PipelineDefinitionError: the hook asks for something flowcore cannot give it.
+    """
+    func = _resolve(hook, where)
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError) as exc:
+        raise PipelineDefinitionError(f"{where}: cannot inspect {kind} hook {func!r}") from exc
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:
+        hints = dict(getattr(func, "__annotations__", {}))
+    wants: list[tuple[str, str]] = []
+    for name, param in sig.parameters.items():
+        if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        ann = hints.get(name)
+        if isinstance(ann, type) and issubclass(ann, BaseException):
+            wants.append((name, "exception"))
+        elif name in _INJECTABLE:
+            wants.append((name, name))
+        elif param.default is not inspect.Parameter.empty:
+            continue
+        else:
+            label = getattr(func, "__qualname__", repr(func))
+            raise PipelineDefinitionError(
+                f"{where}: {kind} hook '{label}' asks for parameter '{name}', which flowcore "
+                f"cannot provide; a hook may take {', '.join(_INJECTABLE)} "
+                "(or one parameter annotated with an exception type), or nothing"
+            )
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            raise PipelineDefinitionError(
+                f"{where}: {kind} hook parameter '{name}' must not be positional-only"
+            )
+    is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)  # noqa: B004 - async callable objects count too
+    )
+    return BoundHook(func=func, kind=kind, wants=tuple(wants), is_async=is_async)

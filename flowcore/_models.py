@@ -1,0 +1,296 @@
+"""Records of runs, step runs and artifacts: plain data that every layer above reads and writes."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+__all__ = [
+    "ArtifactVersion",
+    "ErrorInfo",
+    "HookError",
+    "PipelineRun",
+    "RunStatus",
+    "StepRun",
+    "StepRunConfig",
+    "StepStatus",
+]
+
+
+class StepStatus(str, enum.Enum):
+    """Where one step invocation is in its life."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    COMPLETED = "completed"
+    CACHED = "cached"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    STOPPED = "stopped"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED_STEP
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_FINISHED_STEP = frozenset(
+    {StepStatus.COMPLETED, StepStatus.CACHED, StepStatus.FAILED, StepStatus.SKIPPED,
+     StepStatus.STOPPED}
+)
+
+
+class RunStatus(str, enum.Enum):
+    """Where a pipeline run is in its life; CRASHED means its process died mid-run."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+
+    @property
+    def is_finished(self) -> bool:
+        return self is not RunStatus.RUNNING
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """The error a step ended with: its type name, message and formatted traceback."""
+
+    type: str
+    message: str
+    traceback: str
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class HookError:
+    """An exception raised by a hook, recorded on the step run (it never changes its status)."""
+
+    hook: str
+    kind: str
+    error: ErrorInfo
+
+
+@dataclass(slots=True)
+class StepRunConfig:
+    """The configuration one step invocation ran with."""
+
+    parameters: dict[str, Any] = field(default_factory=dict)
+    enable_cache: bool = True
+    step_operator: str | None = None
+    experiment_tracker: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+# Loading is synchronous (materializers are); `aload` runs it in a worker thread.
+ArtifactLoader = Callable[["ArtifactVersion"], Any]
+
+
+class ArtifactVersion:
+    """One stored output of one step run.
+
+    `load()` / `await aload()` read the value back through the artifact's materializer.
+    """
+
+    __slots__ = (
+        "_content_hash",
+        "_hasher",
+        "_loader",
+        "_value",
+        "data_type",
+        "id",
+        "materializer",
+        "name",
+        "producer_step_run_id",
+        "python_version",
+        "size",
+        "uri",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        name: str,
+        uri: str,
+        materializer: str,
+        data_type: str,
+        content_hash: str | None = None,
+        size: int | None = None,
+        producer_step_run_id: str | None = None,
+        python_version: str | None = None,
+        loader: ArtifactLoader | None = None,
+        hasher: Callable[[], str] | None = None,
+        value: Any = None,
+    ) -> None:
+        self.id = id
+        self.name = name
+        self.uri = uri
+        self.materializer = materializer
+        self.data_type = data_type
+        self._content_hash = content_hash
+        self._hasher = hasher
+        self.size = size
+        self.producer_step_run_id = producer_step_run_id
+        self.python_version = python_version
+        self._loader = loader
+        self._value = value
+
+    @property
+    def content_hash(self) -> str:
+        """The sha256 of the artifact's stored content (computed on first use in memory)."""
+        if self._content_hash is None:
+            if self._hasher is None:
+                raise RuntimeError(f"artifact {self.id} has no content hash")
+            self._content_hash = self._hasher()
+            self._hasher = None
+        return self._content_hash
+
+    async def aload(self) -> Any:
+        """Load the stored value without blocking the event loop."""
+        if self._loader is None:
+            return self._value
+        import asyncio
+
+        return await asyncio.to_thread(self._loader, self)
+
+    def load(self) -> Any:
+        """Load the stored value from synchronous code."""
+        if self._loader is None:
+            return self._value
+        return self._loader(self)
+
+    def __repr__(self) -> str:
+        return f"<ArtifactVersion {self.name} {self.data_type} {self.uri}>"
+
+
+class StepRun:
+    """One invocation of one step inside a pipeline run."""
+
+    __slots__ = (
+        "attempts",
+        "cache_key",
+        "cache_miss_reason",
+        "config",
+        "end_time",
+        "error",
+        "hook_errors",
+        "id",
+        "name",
+        "outputs",
+        "pipeline_run_id",
+        "start_time",
+        "status",
+        "step_name",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        name: str,
+        step_name: str,
+        pipeline_run_id: str,
+        config: StepRunConfig,
+        status: StepStatus = StepStatus.PENDING,
+    ) -> None:
+        self.id = id
+        self.name = name
+        self.step_name = step_name
+        self.pipeline_run_id = pipeline_run_id
+        self.config = config
+        self.status = status
+        self.attempts = 0
+        self.cache_key: str | None = None
+        self.cache_miss_reason: str | None = None
+        self.start_time: datetime | None = None
+        self.end_time: datetime | None = None
+        self.error: ErrorInfo | None = None
+        self.hook_errors: list[HookError] = []
+        self.outputs: dict[str, ArtifactVersion] = {}
+
+    @property
+    def output(self) -> ArtifactVersion:
+        """The single output of this step run."""
+        if len(self.outputs) != 1:
+            from flowcore.exceptions import StepOutputError
+
+            raise StepOutputError(
+                f"step run '{self.name}' has {len(self.outputs)} outputs "
+                f"({', '.join(self.outputs) or 'none'}); use .outputs[name]"
+            )
+        return next(iter(self.outputs.values()))
+
+    @property
+    def attempt(self) -> int:
+        """The current (or last) attempt, counting from 1."""
+        return max(self.attempts, 1)
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds between start and end, or None while unknown."""
+        if self.start_time is None or self.end_time is None:
+            return None
+        return (self.end_time - self.start_time).total_seconds()
+
+    def __repr__(self) -> str:
+        extra = f" attempts={self.attempts}" if self.attempts > 1 else ""
+        err = f" error={self.error}" if self.error else ""
+        return f"<StepRun {self.name} {self.status.value.upper()}{extra}{err}>"
+
+
+class PipelineRun:
+    """One run of a pipeline: its status, timings and its step runs by invocation ID."""
+
+    __slots__ = (
+        "end_time",
+        "id",
+        "name",
+        "parameters",
+        "pipeline_name",
+        "start_time",
+        "status",
+        "steps",
+        "unlisted",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        name: str,
+        pipeline_name: str,
+        start_time: datetime,
+        status: RunStatus = RunStatus.RUNNING,
+        parameters: Mapping[str, Any] | None = None,
+        unlisted: bool = False,
+    ) -> None:
+        self.id = id
+        self.name = name
+        self.pipeline_name = pipeline_name
+        self.status = status
+        self.start_time = start_time
+        self.end_time: datetime | None = None
+        self.steps: dict[str, StepRun] = {}
+        self.parameters: dict[str, Any] = dict(parameters or {})
+        self.unlisted = unlisted
+
+    def __repr__(self) -> str:
+        counts: dict[str, int] = {}
+        for s in self.steps.values():
+            counts[s.status.value] = counts.get(s.status.value, 0) + 1
+        parts = " ".join(f"{n} {k}" for k, n in counts.items())
+        return f"<PipelineRun {self.name} {self.status.value.upper()}{' ' + parts if parts else ''}>"

@@ -1,0 +1,234 @@
+"""`@pipeline`: the Pipeline object, its options, compiling and starting runs."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, overload
+
+from flowcore._compile import compile_graph, current_recorder, recording
+from flowcore._graph import Graph
+from flowcore._step import check_options
+from flowcore.config import ExecutionMode, RunConfigFile, load_run_config
+from flowcore.exceptions import ConfigError, FlowcoreError
+
+if TYPE_CHECKING:
+    from flowcore._models import PipelineRun
+    from flowcore._runner import PreparedRun, RunHandle
+    from flowcore.stack import Stack
+
+__all__ = ["PIPELINE_OPTIONS", "Pipeline", "pipeline"]
+
+PIPELINE_OPTIONS = frozenset({
+    "enable_cache", "execution_mode", "on_start", "on_success", "on_failure", "on_end", "retry",
+    "max_concurrency", "settings", "run_name", "config_path", "synchronous", "stack",
+    "substitutions", "clock", "enable_artifact_metadata", "name", "extra", "model",
+})
+
+
+class SyncCallOnLoopError(FlowcoreError, RuntimeError):
+    """A synchronous run was started on a thread whose event loop is running."""
+
+
+def _mode(value: Any, where: str) -> ExecutionMode:
+    try:
+        return ExecutionMode(value)
+    except ValueError:
+        names = ", ".join(m.value for m in ExecutionMode)
+        raise ConfigError(f"{where}: execution_mode {value!r} is not one of {names}") from None
+
+
+class Pipeline:
+    """A function turned into a pipeline by `@pipeline`.
+
+    The function runs once per run at compile time with real parameter values; the step calls
+    inside it become the graph.
+    """
+
+    def __init__(self, func: Callable[..., Any], options: dict[str, Any] | None = None) -> None:
+        opts = dict(options or {})
+        check_options(opts, PIPELINE_OPTIONS, f"pipeline '{getattr(func, '__name__', func)}'")
+        self.func = func
+        self.name: str = opts.pop("name", None) or getattr(func, "__name__", "pipeline")
+        self._options = opts  # decorator + configure()
+        self._run_options: dict[str, Any] = {}  # with_options(): beats the YAML file
+        functools.update_wrapper(self, func)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"<Pipeline {self.name}>"
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def configure(self, **options: Any) -> Pipeline:
+        """Change options in place; returns the same pipeline."""
+        check_options(options, PIPELINE_OPTIONS, f"pipeline '{self.name}'")
+        if "name" in options:
+            self.name = options.pop("name")
+        self._options.update(options)
+        return self
+
+    def with_options(self, **options: Any) -> Pipeline:
+        """Return a configured copy (these options beat a YAML `config_path`)."""
+        check_options(options, PIPELINE_OPTIONS, f"pipeline '{self.name}'")
+        clone = copy.copy(self)
+        clone._options = dict(self._options)
+        clone._run_options = dict(self._run_options)
+        if "name" in options:
+            clone.name = options.pop("name")
+        clone._run_options.update(options)
+        return clone
+
+    def _resolved_options(self) -> tuple[dict[str, Any], RunConfigFile | None]:
+        merged = {**self._options, **self._run_options}
+        run_config = None
+        path = merged.get("config_path")
+        if path:
+            run_config = load_run_config(path)
+            from_yaml = run_config.model_dump(
+                exclude_none=True, exclude={"steps", "parameters", "settings", "substitutions"}
+            )
+            merged = {**self._options, **from_yaml, **self._run_options}
+            if run_config.settings:
+                merged["settings"] = {**run_config.settings, **(merged.get("settings") or {})}
+                if "settings" in self._run_options:
+                    merged["settings"] = {**run_config.settings, **self._run_options["settings"]}
+            if run_config.substitutions:
+                merged["substitutions"] = {
+                    **run_config.substitutions, **(merged.get("substitutions") or {})
+                }
+        return merged, run_config
+
+    # -- compiling -------------------------------------------------------------------------
+
+    def compile(self, *args: Any, **params: Any) -> Graph:
+        """Run the pipeline function with these parameters and return the checked graph."""
+        options, run_config = self._resolved_options()
+        return self._compile(options, run_config, args, params)
+
+    def _compile(
+        self, options: Mapping[str, Any], run_config: RunConfigFile | None,
+        args: tuple[Any, ...], params: Mapping[str, Any],
+    ) -> Graph:
+        call_params = dict(run_config.parameters) if run_config else {}
+        call_params.update(params)
+        if "execution_mode" in options:
+            _mode(options["execution_mode"], f"pipeline '{self.name}'")
+        with recording(self.name) as recorder:
+            try:
+                outputs = self.func(*args, **call_params)
+            except TypeError as exc:
+                if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+                    raise ConfigError(f"pipeline '{self.name}': {exc}") from None
+                raise
+        return compile_graph(self.name, recorder, options, run_config, call_params, outputs)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _prepare(
+        self, args: tuple[Any, ...], params: Mapping[str, Any], *, stack: Stack | None = None
+    ) -> tuple[PreparedRun, dict[str, Any]]:
+        from flowcore._runner import prepare_run
+        from flowcore.stack import Stack, get_active_stack
+
+        options, run_config = self._resolved_options()
+        graph = self._compile(options, run_config, args, params)
+        chosen = stack or options.get("stack") or get_active_stack()
+        if not isinstance(chosen, Stack):
+            raise ConfigError(f"pipeline '{self.name}': stack= must be a Stack, not {chosen!r}")
+        settings = options.get("settings") or {}
+        orch = settings.get("orchestrator") or {}
+        if not isinstance(orch, Mapping):
+            raise ConfigError(f"pipeline '{self.name}': settings 'orchestrator' must be a mapping")
+        unknown = set(orch) - {"synchronous"}
+        if unknown:
+            raise ConfigError(
+                f"pipeline '{self.name}': settings 'orchestrator' has unknown key "
+                f"'{sorted(unknown)[0]}' (known: synchronous)"
+            )
+        prep = prepare_run(
+            graph,
+            stack=chosen,
+            mode=_mode(options.get("execution_mode") or ExecutionMode.CONTINUE_ON_FAILURE,
+                       f"pipeline '{self.name}'"),
+            max_concurrency=options.get("max_concurrency"),
+            clock=options.get("clock"),
+            run_name=options.get("run_name"),
+            substitutions=options.get("substitutions"),
+        )
+        return prep, options
+
+    async def run(self, *args: Any, **params: Any) -> PipelineRun:
+        """Run on the caller's event loop and return the finished `PipelineRun`.
+
+        Raises:
+            RunFailedError: a step failed.
+            PipelineDefinitionError, ConfigError, RunNameConflictError: before any step runs.
+        """
+        from flowcore._runner import execute
+
+        prep, _ = self._prepare(args, params)
+        return await execute(prep)
+
+    def submit(self, *args: Any, **params: Any) -> RunHandle:
+        """Start a background run on the running loop and return its `RunHandle` at once."""
+        from flowcore._runner import start_background
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise FlowcoreError(
+                f"pipeline '{self.name}': submit() needs a running event loop; from "
+                "synchronous code use pipeline.with_options(synchronous=False)(...)"
+            ) from None
+        prep, _ = self._prepare(args, params)
+        return start_background(prep)
+
+    def __call__(self, *args: Any, **params: Any) -> Any:
+        """Inside another pipeline: inline this one (composition). Elsewhere: run it.
+
+        A plain call blocks until the run ends and returns the `PipelineRun`, unless
+        `synchronous=False` is configured, which returns a `RunHandle` at once.
+        """
+        if current_recorder() is not None:
+            return self.func(*args, **params)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise SyncCallOnLoopError(
+                f"pipeline '{self.name}' was called synchronously on a thread whose event loop "
+                f"is running; use `await {self.name}.run(...)` (or `.submit(...)` for a "
+                "background run) instead"
+            )
+        prep, options = self._prepare(args, params)
+        synchronous = options.get("synchronous")
+        orch = (options.get("settings") or {}).get("orchestrator") or {}
+        if synchronous is None:
+            synchronous = orch.get("synchronous", True)
+        from flowcore._sync import run_in_thread, run_sync
+
+        if synchronous:
+            return run_sync(prep)
+        return run_in_thread(prep)
+
+
+@overload
+def pipeline(func: Callable[..., Any], /) -> Pipeline: ...
+
+
+@overload
+def pipeline(func: None = None, /, **options: Any) -> Callable[[Callable[..., Any]], Pipeline]: ...
+
+
+def pipeline(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    """Turn a function into a pipeline; use bare (`@pipeline`) or with options."""
+    if func is not None:
+        return Pipeline(func, options)
+
+    def decorate(f: Callable[..., Any]) -> Pipeline:
+        return Pipeline(f, options)
+
+    return decorate

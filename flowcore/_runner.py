@@ -1,0 +1,1075 @@
+"""The scheduler: the one place that creates tasks.
+
+One `asyncio.TaskGroup` per run. A step task is created the moment its last dependency ends
+(the finishing task launches its ready children itself: no polling, no batches). Inside the
+runner a step's result or error is a value; exceptions reach users only at the boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import traceback
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from flowcore import _logging as flog
+from flowcore._cache import CacheKeyError, compute_cache_key
+from flowcore._compile import ResolvedStepConfig
+from flowcore._graph import Graph, Node, OutputRef
+from flowcore._hooks import HOOK_KINDS, BoundHook, bind_hook
+from flowcore._models import (
+    ArtifactVersion,
+    ErrorInfo,
+    HookError,
+    PipelineRun,
+    RunStatus,
+    StepRun,
+    StepRunConfig,
+    StepStatus,
+)
+from flowcore._naming import DEFAULT_RUN_NAME, format_run_name
+from flowcore._retry import retry_delay, should_retry
+from flowcore.config import ExecutionMode
+from flowcore.context import PipelineInfo, StepContext, reset_step_context, set_step_context
+from flowcore.exceptions import (
+    ConfigError,
+    FlowcoreError,
+    MaterializerError,
+    RunFailedError,
+    StepInputError,
+    StepOutputError,
+    StepTimeoutError,
+)
+from flowcore.stack import Stack
+from flowcore.stores._base import MetadataStore
+from flowcore.typing import Clock
+
+__all__ = ["PreparedRun", "RunHandle", "SystemClock", "execute", "prepare_run"]
+
+_INFO = logging.INFO
+_now = datetime.now
+
+
+def _utcnow() -> datetime:
+    return _now(UTC)
+
+
+class SystemClock:
+    """Real time: `asyncio.sleep` and `time.monotonic`."""
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def monotonic(self) -> float:
+        return asyncio.get_running_loop().time()
+
+
+_SYSTEM_CLOCK = SystemClock()
+
+
+class _Lazy:
+    """An output not in memory (a cache hit): loaded from its artifact when first needed."""
+
+    __slots__ = ("artifact",)
+
+    def __init__(self, artifact: ArtifactVersion) -> None:
+        self.artifact = artifact
+
+
+class _NodePlan:
+    """Per-node things resolved once before the run starts (hooks, materializers, operator)."""
+
+    __slots__ = ("hooks", "materializers", "operator", "tracker")
+
+    def __init__(self) -> None:
+        self.hooks: dict[str, BoundHook] = {}
+        self.materializers: dict[str, type[Any]] = {}
+        self.operator: Any = None
+        self.tracker: Any = None
+
+
+class PreparedRun:
+    """A run checked and named, ready to execute; all errors so far are raised before this."""
+
+    def __init__(
+        self,
+        *,
+        graph: Graph,
+        stack: Stack,
+        run: PipelineRun,
+        plans: list[_NodePlan],
+        mode: ExecutionMode,
+        max_concurrency: int | None,
+        clock: Clock,
+        pipeline_info: PipelineInfo,
+        single_step: bool = False,
+    ) -> None:
+        self.graph = graph
+        self.stack = stack
+        self.run = run
+        self.plans = plans
+        self.mode = mode
+        self.max_concurrency = max_concurrency
+        self.clock = clock
+        self.pipeline_info = pipeline_info
+        self.single_step = single_step
+        # Filled in by execute(): the first step error and, for single-step runs, the values.
+        self.first_error: BaseException | None = None
+        self.values: list[dict[str, Any] | None] = []
+
+
+def _bind_plans(graph: Graph, stack: Stack) -> list[_NodePlan]:
+    from flowcore.materializers import resolve_materializer
+
+    bound: dict[tuple[int, str], BoundHook] = {}
+    plans = []
+    for node in graph.nodes:
+        cfg: ResolvedStepConfig = node.config
+        where = f"pipeline '{graph.pipeline_name}', step '{node.id}'"
+        plan = _NodePlan()
+        for kind in HOOK_KINDS:
+            hook = cfg.hooks.get(kind)
+            if hook is None:
+                continue
+            key = (id(hook), kind)
+            b = bound.get(key)
+            if b is None:
+                b = bound[key] = bind_hook(hook, kind, where)
+            plan.hooks[kind] = b
+        for out_name, spec in cfg.output_materializers.items():
+            if out_name != "*" and out_name not in node.step.signature.output_names and (
+                node.map_spec is None
+            ):
+                raise ConfigError(
+                    f"{where}: output_materializers names output '{out_name}', which the step "
+                    f"does not have (outputs: {', '.join(node.step.signature.output_names)})"
+                )
+            plan.materializers[out_name] = resolve_materializer(
+                spec, where=f"{where}, output '{out_name}'"
+            )
+        if cfg.step_operator is not None:
+            try:
+                plan.operator = stack.step_operator(cfg.step_operator)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        if cfg.experiment_tracker is not None:
+            try:
+                plan.tracker = stack.experiment_tracker(cfg.experiment_tracker)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        plans.append(plan)
+    return plans
+
+
+def prepare_run(
+    graph: Graph,
+    *,
+    stack: Stack,
+    mode: ExecutionMode,
+    max_concurrency: int | None,
+    clock: Clock | None,
+    run_name: str | None,
+    substitutions: Mapping[str, str] | None,
+    unlisted: bool = False,
+    single_step: bool = False,
+) -> PreparedRun:
+    """Check everything that can be checked without running a step, and name the run.
+
+    Raises:
+        PipelineDefinitionError, ConfigError, MaterializerError: before any step runs.
+    """
+    plans = _bind_plans(graph, stack)
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ConfigError(
+            f"pipeline '{graph.pipeline_name}': max_concurrency must be >= 1, not {max_concurrency}"
+        )
+    now = _utcnow()
+    run_id = uuid.uuid4().hex
+    name = format_run_name(
+        run_name or DEFAULT_RUN_NAME,
+        pipeline_name=graph.pipeline_name,
+        run_id=run_id,
+        now=now,
+        substitutions=substitutions,
+    )
+    run = PipelineRun(
+        id=run_id,
+        name=name,
+        pipeline_name=graph.pipeline_name,
+        start_time=now,
+        parameters=graph.parameters,
+        unlisted=unlisted,
+    )
+    steps = run.steps
+    for node in graph.nodes:
+        cfg: ResolvedStepConfig = node.config
+        steps[node.id] = StepRun(
+            id=uuid.uuid4().hex,
+            name=node.id,
+            step_name=node.step.name,
+            pipeline_run_id=run_id,
+            config=StepRunConfig(
+                parameters=dict(cfg.parameters),
+                enable_cache=cfg.enable_cache,
+                step_operator=cfg.step_operator,
+                experiment_tracker=cfg.experiment_tracker,
+                settings=dict(cfg.settings),
+            ),
+        )
+    return PreparedRun(
+        graph=graph,
+        stack=stack,
+        run=run,
+        plans=plans,
+        mode=mode,
+        max_concurrency=max_concurrency,
+        clock=clock or _SYSTEM_CLOCK,
+        pipeline_info=PipelineInfo(graph.pipeline_name),
+        single_step=single_step,
+    )
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    """The type, message and traceback text of an exception."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return ErrorInfo(type=type(exc).__name__, message=str(exc), traceback=tb)
+
+
+class _Scheduler:
+    """Drives one run of a graph; created and used by `execute` only."""
+
+    def __init__(self, prep: PreparedRun, store: MetadataStore) -> None:
+        graph = prep.graph
+        self.prep = prep
+        self.graph = graph
+        self.nodes = graph.nodes
+        self.plans = prep.plans
+        self.store = store
+        self.artifact_store = prep.stack.artifact_store
+        self.run = prep.run
+        self.step_runs: list[StepRun] = [prep.run.steps[n.id] for n in graph.nodes]
+        self.ready = graph.ready_set()
+        self.values: list[dict[str, Any] | None] = [None] * len(graph.nodes)
+        self.artifacts: list[dict[str, ArtifactVersion] | None] = [None] * len(graph.nodes)
+        self.consumers_left = list(graph.data_consumers)
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.mode = prep.mode
+        self.stopping = False
+        self.first_error: BaseException | None = None
+        self.sem = (
+            asyncio.Semaphore(prep.max_concurrency) if prep.max_concurrency is not None else None
+        )
+        self.clock = prep.clock
+        self.tg: asyncio.TaskGroup | None = None
+        self.all_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.log_on = flog.enabled(_INFO)
+        self.where = f"pipeline '{graph.pipeline_name}'"
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    async def drive(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            self.tg = tg
+            first = self.ready.get_ready()
+            if first:
+                self._launch(first)
+                await self.all_done
+        self._skip_pending()
+
+    def _launch(self, indices: list[int]) -> None:
+        tg = self.tg
+        assert tg is not None
+        nodes = self.nodes
+        tasks = self.tasks
+        for i in indices:
+            tasks[i] = tg.create_task(self._step_task(i), name=f"flowcore:{nodes[i].id}")
+
+    async def _step_task(self, i: int) -> None:
+        try:
+            ok = await self._execute(i)
+        except asyncio.CancelledError:
+            sr = self.step_runs[i]
+            if not sr.status.is_finished:
+                sr.status = StepStatus.STOPPED
+                sr.end_time = _utcnow()
+                if self.log_on:
+                    flog.log(_INFO, "step_stopped", run=self.run.name, step=sr.name)
+            self._finish(i, ok=False, stopped=True)
+            raise
+        except BaseException as exc:  # a bug in flowcore itself: record, never hang the run
+            sr = self.step_runs[i]
+            sr.status = StepStatus.FAILED
+            sr.error = error_info(exc)
+            sr.end_time = _utcnow()
+            if self.first_error is None:
+                self.first_error = exc
+            self._finish(i, ok=False)
+            return
+        self._finish(i, ok=ok)
+
+    def _finish(self, i: int, *, ok: bool, stopped: bool = False) -> None:
+        self.tasks.pop(i, None)
+        # Release upstream values nobody downstream needs any more.
+        left = self.consumers_left
+        for p in self.nodes[i].data_parents:
+            left[p] -= 1
+            if left[p] == 0:
+                self.values[p] = None
+        if ok:
+            newly = self.ready.done(i)
+            if newly:
+                if self.stopping:
+                    self._mark_skipped(newly)
+                else:
+                    self._launch(newly)
+        else:
+            self._mark_skipped(self.ready.failed(i))
+            if not stopped and self.mode is not ExecutionMode.CONTINUE_ON_FAILURE:
+                self._stop_new_work()
+        if not self.tasks and not self.all_done.done():
+            self.all_done.set_result(None)
+
+    def _stop_new_work(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self._mark_skipped(self.ready.skip_rest())
+        if self.mode is ExecutionMode.FAIL_FAST:
+            for task in list(self.tasks.values()):
+                task.cancel()
+
+    def _mark_skipped(self, indices: list[int]) -> None:
+        now = None
+        for j in indices:
+            sr = self.step_runs[j]
+            if sr.status is StepStatus.PENDING:
+                if now is None:
+                    now = _utcnow()
+                sr.status = StepStatus.SKIPPED
+                sr.end_time = now
+                if self.log_on:
+                    flog.log(_INFO, "step_skipped", run=self.run.name, step=sr.name)
+
+    def _skip_pending(self) -> None:
+        self._mark_skipped([i for i, sr in enumerate(self.step_runs)
+                            if sr.status is StepStatus.PENDING])
+
+    # -- one invocation --------------------------------------------------------------------
+
+    async def _resolve(self, ref: OutputRef) -> Any:
+        idx = self.graph[ref.node_id].index
+        values = self.values[idx]
+        if values is None:
+            arts = self.artifacts[idx]
+            assert arts is not None, f"output of {ref.node_id} is gone"
+            return await arts[ref.output].aload()
+        value = values[ref.output]
+        if type(value) is _Lazy:
+            value = await value.artifact.aload()
+            values[ref.output] = value
+        return value
+
+    async def _resolve_nested(self, template: Any) -> Any:
+        if isinstance(template, OutputRef):
+            return await self._resolve(template)
+        if isinstance(template, list):
+            return [await self._resolve_nested(v) for v in template]
+        if isinstance(template, tuple):
+            return tuple([await self._resolve_nested(v) for v in template])
+        if isinstance(template, dict):
+            return {k: await self._resolve_nested(v) for k, v in template.items()}
+        return template
+
+    async def _inputs(self, node: Node) -> dict[str, Any]:
+        kwargs = dict(node.constants)
+        for key, ref in node.direct_refs:
+            kwargs[key] = await self._resolve(ref)
+        for key, template in node.nested_refs:
+            kwargs[key] = await self._resolve_nested(template)
+        return kwargs
+
+    def _input_hashes(self, node: Node) -> dict[str, Any]:
+        def h(value: Any) -> Any:
+            if isinstance(value, OutputRef):
+                arts = self.artifacts[self.graph[value.node_id].index]
+                assert arts is not None
+                return {"artifact": arts[value.output].content_hash}
+            if isinstance(value, list | tuple):
+                return [h(v) for v in value]
+            if isinstance(value, dict):
+                return {k: h(v) for k, v in value.items()}
+            return value
+
+        out: dict[str, Any] = {}
+        for key, ref in node.direct_refs:
+            out[key] = h(ref)
+        for key, template in node.nested_refs:
+            out[key] = h(template)
+        return out
+
+    async def _persist(self, sr: StepRun) -> None:
+        await self.store.update_step_run(self.run, sr)
+
+    async def _execute(self, i: int) -> bool:
+        node = self.nodes[i]
+        sr = self.step_runs[i]
+        cfg: ResolvedStepConfig = node.config
+        sr.start_time = _utcnow()
+        if node.map_spec is not None:
+            return await self._execute_map(i, node, sr)
+        if cfg.enable_cache:
+            if await self._cache_lookup(i, node, sr) is not None:
+                return True
+        kwargs = await self._inputs(node)
+        if self.sem is not None:
+            async with self.sem:
+                outcome = await self.attempt_loop(node, sr, self.plans[i], kwargs)
+        else:
+            outcome = await self.attempt_loop(node, sr, self.plans[i], kwargs)
+        if outcome is None:
+            return False
+        values, artifacts = outcome
+        self.values[i] = values
+        self.artifacts[i] = artifacts
+        return True
+
+    async def _cache_lookup(
+        self, i: int, node: Node, sr: StepRun, element: Any = None,
+    ) -> dict[str, ArtifactVersion] | None:
+        """Look the step up in the cache; on a hit mark it CACHED and return its outputs."""
+        try:
+            hashes = self._input_hashes(node)
+            if element is not None and node.map_spec is not None:
+                # An element's key covers its own value, not the whole mapped sequence.
+                for name in node.map_spec.mapped:
+                    hashes.pop(name, None)
+            key = compute_cache_key(node, hashes, self.plans[i].materializers, element)
+        except CacheKeyError as exc:
+            sr.cache_miss_reason = f"uncacheable: {exc}"
+            if self.log_on:
+                flog.log(_INFO, "cache_uncacheable", run=self.run.name, step=sr.name,
+                         reason=str(exc))
+            return None
+        sr.cache_key = key
+        hit = await self.store.find_cached(key)
+        if hit is None:
+            sr.cache_miss_reason = "no earlier step run with this cache key"
+            if self.log_on:
+                flog.log(_INFO, "cache_miss", run=self.run.name, step=sr.name,
+                         reason=sr.cache_miss_reason)
+            return None
+        if not all(self.artifact_store.exists(a) for a in hit.outputs.values()):
+            sr.cache_miss_reason = "an artifact of the cached step run is missing"
+            if self.log_on:
+                flog.log(_INFO, "cache_miss", run=self.run.name, step=sr.name,
+                         reason=sr.cache_miss_reason)
+            return None
+        sr.status = StepStatus.CACHED
+        sr.outputs = dict(hit.outputs)
+        sr.cache_miss_reason = None
+        sr.end_time = _utcnow()
+        if element is None:
+            self.artifacts[i] = sr.outputs
+            self.values[i] = {name: _Lazy(a) for name, a in sr.outputs.items()}
+        await self._persist(sr)
+        if self.log_on:
+            flog.log(_INFO, "cache_hit", run=self.run.name, step=sr.name,
+                     cached_from=hit.pipeline_run_id)
+        return sr.outputs
+
+    # -- dynamic fan-out -------------------------------------------------------------------
+
+    async def _execute_map(self, i: int, node: Node, sr: StepRun) -> bool:
+        """Expand a `.map()` node into one invocation per element and gather the results."""
+        assert node.map_spec is not None
+        kwargs = await self._inputs(node)
+        try:
+            elements = _expand_elements(self.where, node, kwargs)
+        except StepInputError as exc:
+            await self._fail(sr, self.plans[i], exc)
+            return False
+        sr.status = StepStatus.RUNNING
+        sr.attempts = 1
+        await self._persist(sr)
+        results: list[Any] = [None] * len(elements)
+        failed: list[BaseException] = []
+        element_runs: list[StepRun] = []
+        for k in range(len(elements)):
+            eid = f"{node.id}[{k}]"
+            esr = StepRun(id=uuid.uuid4().hex, name=eid, step_name=node.step.name,
+                          pipeline_run_id=self.run.id,
+                          config=StepRunConfig(
+                              parameters={**sr.config.parameters, **_plain(elements[k])},
+                              enable_cache=sr.config.enable_cache,
+                              step_operator=sr.config.step_operator,
+                              experiment_tracker=sr.config.experiment_tracker,
+                              settings=sr.config.settings))
+            self.run.steps[eid] = esr
+            element_runs.append(esr)
+
+        async def one(k: int) -> None:
+            esr = element_runs[k]
+            esr.start_time = _utcnow()
+            ekwargs = {**kwargs, **elements[k]}
+            if node.config.enable_cache:
+                hit = await self._cache_lookup(i, node, esr, element=_element_key(elements[k]))
+                if hit is not None:
+                    values = [await a.aload() for a in hit.values()]
+                    results[k] = _combine(node, values)
+                    return
+            if self.sem is not None:
+                async with self.sem:
+                    outcome = await self.attempt_loop(node, esr, self.plans[i], ekwargs)
+            else:
+                outcome = await self.attempt_loop(node, esr, self.plans[i], ekwargs)
+            if outcome is None:
+                failed.append(self.first_error or RuntimeError(esr.name))
+                if self.mode is ExecutionMode.FAIL_FAST:
+                    for t in element_tasks:
+                        if not t.done():
+                            t.cancel()
+                return
+            results[k] = _combine(node, list(outcome[0].values()))
+
+        element_tasks: list[asyncio.Task[None]] = []
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for k in range(len(elements)):
+                    element_tasks.append(
+                        tg.create_task(one(k), name=f"flowcore:{node.id}[{k}]"))
+        except asyncio.CancelledError:
+            for esr in element_runs:
+                if not esr.status.is_finished:
+                    esr.status = StepStatus.STOPPED
+                    esr.end_time = _utcnow()
+            raise
+        for esr in element_runs:
+            if not esr.status.is_finished:
+                esr.status = StepStatus.STOPPED
+                esr.end_time = _utcnow()
+                await self._persist(esr)
+        if failed or any(e.status is StepStatus.STOPPED for e in element_runs):
+            sr.status = StepStatus.FAILED
+            sr.error = error_info(failed[0]) if failed else None
+            sr.end_time = _utcnow()
+            await self._persist(sr)
+            return False
+        try:
+            artifacts = await self._store_outputs(node, sr, self.plans[i], {"output": results})
+        except Exception as exc:
+            await self._fail(sr, self.plans[i], exc)
+            return False
+        sr.outputs = artifacts
+        sr.status = StepStatus.COMPLETED
+        sr.end_time = _utcnow()
+        await self._persist(sr)
+        self.values[i] = {"output": results}
+        self.artifacts[i] = artifacts
+        return True
+
+    async def attempt_loop(
+        self, node: Node, sr: StepRun, plan: _NodePlan, kwargs: dict[str, Any],
+    ) -> tuple[dict[str, Any], dict[str, ArtifactVersion]] | None:
+        """Run a step's attempts (retries, timeout, hooks); None if it failed."""
+        cfg: ResolvedStepConfig = node.config
+        sig = node.step.signature
+        hooks = plan.hooks
+        policy = cfg.retry
+        run_name = self.run.name
+        ctx = StepContext(
+            step_run=sr, pipeline_run=self.run, pipeline=self.prep.pipeline_info,
+            stack=self.prep.stack, output_names=sig.output_names,
+        )
+        token = set_step_context(ctx)
+        try:
+            attempt = 0
+            while True:
+                attempt += 1
+                sr.attempts = attempt
+                ctx.attempt = attempt
+                sr.status = StepStatus.RUNNING
+                await self._persist(sr)
+                if self.log_on:
+                    flog.log(_INFO, "step_started", run=run_name, step=sr.name, attempt=attempt)
+                if "on_start" in hooks:
+                    await self._call_hook(sr, hooks["on_start"])
+                started = self.clock.monotonic() if self.log_on else 0.0
+                try:
+                    if attempt == 1:
+                        self._check_inputs(node, kwargs)
+                    result = await self._call_body(node, plan, kwargs, attempt)
+                    values = self._split_outputs(node, result)
+                    artifacts = await self._store_outputs(node, sr, plan, values)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if not isinstance(exc, StepInputError) and should_retry(policy, attempt, exc):
+                        assert policy is not None
+                        delay = retry_delay(policy, attempt)
+                        sr.status = StepStatus.RETRYING
+                        sr.error = error_info(exc)
+                        await self._persist(sr)
+                        if self.log_on:
+                            flog.log(_INFO, "step_retrying", run=run_name, step=sr.name,
+                                     attempt=attempt, delay=delay, error=repr(exc))
+                        if delay > 0:
+                            await self.clock.sleep(delay)
+                        continue
+                    await self._fail(sr, plan, exc)
+                    return None
+                sr.outputs = artifacts
+                sr.status = StepStatus.COMPLETED
+                sr.error = None
+                sr.end_time = _utcnow()
+                await self._persist(sr)
+                if self.log_on:
+                    flog.log(_INFO, "step_completed", run=run_name, step=sr.name,
+                             attempt=attempt,
+                             duration=round(self.clock.monotonic() - started, 6))
+                if hooks:
+                    if "on_success" in hooks:
+                        out = values[sig.output_names[0]] if len(values) == 1 else (
+                            tuple(values.values()) if values else None
+                        )
+                        await self._call_hook(sr, hooks["on_success"], step_output=out)
+                    if "on_end" in hooks:
+                        await self._call_hook(sr, hooks["on_end"])
+                return values, artifacts
+        finally:
+            reset_step_context(token)
+
+    async def _fail(self, sr: StepRun, plan: _NodePlan, exc: BaseException) -> None:
+        sr.status = StepStatus.FAILED
+        sr.error = error_info(exc)
+        sr.end_time = _utcnow()
+        if self.first_error is None:
+            self.first_error = exc
+        await self._persist(sr)
+        flog.log(logging.ERROR if self.log_on else logging.ERROR, "step_failed",
+                 run=self.run.name, step=sr.name, attempt=sr.attempts, error=repr(exc))
+        hooks = plan.hooks
+        if "on_failure" in hooks:
+            await self._call_hook(sr, hooks["on_failure"], exception=exc)
+        if "on_end" in hooks:
+            await self._call_hook(sr, hooks["on_end"], exception=exc)
+
+    async def _call_hook(
+        self, sr: StepRun, hook: BoundHook, *, exception: BaseException | None = None,
+        step_output: Any = None,
+    ) -> None:
+        try:
+            await hook.call(exception=exception, step_name=sr.name, step_output=step_output,
+                            status=sr.status)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            sr.hook_errors.append(HookError(hook=hook.label, kind=hook.kind, error=error_info(exc)))
+            flog.stdlib_logger.error(
+                "hook_failed run=%s step=%s hook=%s kind=%s error=%r",
+                self.run.name, sr.name, hook.label, hook.kind, exc,
+                exc_info=exc,
+                extra={"flowcore_event": "hook_failed",
+                       "flowcore": {"run": self.run.name, "step": sr.name, "hook": hook.label,
+                                    "kind": hook.kind, "error": repr(exc)}},
+            )
+            await self._persist(sr)
+
+    def _check_inputs(self, node: Node, kwargs: dict[str, Any]) -> None:
+        inputs = node.step.signature.inputs
+        for key, value in kwargs.items():
+            spec = inputs.get(key)
+            if spec is None or spec.check is None:
+                continue
+            try:
+                spec.check(value)
+            except (TypeError, ValueError) as exc:
+                raise StepInputError(
+                    f"{self.where}, step '{node.id}': input '{key}' has the wrong type: {exc}"
+                ) from None
+
+    async def _call_body(
+        self, node: Node, plan: _NodePlan, kwargs: dict[str, Any], attempt: int,
+    ) -> Any:
+        cfg: ResolvedStepConfig = node.config
+        step = node.step
+        operator = plan.operator
+        tracker = plan.tracker
+        if operator is None and tracker is None and cfg.timeout is None and step.is_async:
+            # The hot path: an async body on the loop, nothing around it.
+            return await step.func(**kwargs)
+        if operator is None:
+            operator = self.prep.stack.local_operator
+        coro = operator.run(step.func, kwargs, is_async=step.is_async,
+                            settings=_operator_settings(cfg, operator))
+        if tracker is not None:
+            with tracker.track(pipeline_name=self.graph.pipeline_name, run_name=self.run.name,
+                               step_name=node.id,
+                               settings=_tracker_settings(cfg, tracker)):
+                return await self._with_timeout(node, coro, attempt)
+        return await self._with_timeout(node, coro, attempt)
+
+    async def _with_timeout(self, node: Node, coro: Any, attempt: int) -> Any:
+        timeout = node.config.timeout
+        if timeout is None:
+            return await coro
+        try:
+            async with asyncio.timeout(timeout) as scope:
+                return await coro
+        except TimeoutError:
+            if scope.expired():
+                raise StepTimeoutError(
+                    f"{self.where}, step '{node.id}' timed out after {timeout} s "
+                    f"(attempt {attempt})"
+                ) from None
+            raise
+
+    def _split_outputs(self, node: Node, result: Any) -> dict[str, Any]:
+        sig = node.step.signature
+        outputs = sig.outputs
+        if not outputs:
+            return {}
+        if not sig.multiple_outputs:
+            spec = outputs[0]
+            if spec.check is not None:
+                self._check_output(node, spec.name, spec.check, result)
+            return {spec.name: result}
+        if not isinstance(result, tuple | list) or len(result) != len(outputs):
+            got = f"{len(result)} values" if isinstance(result, tuple | list) else (
+                type(result).__name__)
+            raise StepOutputError(
+                f"{self.where}, step '{node.id}' declares {len(outputs)} outputs "
+                f"({', '.join(sig.output_names)}) but returned {got}"
+            )
+        values = {}
+        for spec, value in zip(outputs, result, strict=True):
+            if spec.check is not None:
+                self._check_output(node, spec.name, spec.check, value)
+            values[spec.name] = value
+        return values
+
+    def _check_output(self, node: Node, name: str, check: Callable[[Any], None], value: Any) -> None:
+        try:
+            check(value)
+        except (TypeError, ValueError) as exc:
+            raise StepOutputError(
+                f"{self.where}, step '{node.id}': output '{name}' has the wrong type: {exc}"
+            ) from None
+
+    async def _store_outputs(
+        self, node: Node, sr: StepRun, plan: _NodePlan, values: dict[str, Any],
+    ) -> dict[str, ArtifactVersion]:
+        if not values:
+            return {}
+        from flowcore.materializers import materializer_for
+
+        chosen = plan.materializers
+        artifacts = {}
+        for name, value in values.items():
+            materializer = chosen.get(name) or chosen.get("*") or materializer_for(type(value))
+            try:
+                artifacts[name] = await self.artifact_store.save(
+                    value,
+                    materializer=materializer,
+                    data_type=type(value),
+                    name=name,
+                    producer_step_run_id=sr.id,
+                    step_label=f"{self.where}, step '{node.id}', output '{name}'",
+                )
+            except (MaterializerError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                raise MaterializerError(
+                    f"{self.where}, step '{node.id}', output '{name}': cannot store "
+                    f"{type(value).__name__} with {materializer.__name__}: {exc}"
+                ) from exc
+        return artifacts
+
+
+def _expand_elements(where: str, node: Node, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    import itertools
+
+    assert node.map_spec is not None
+    names = node.map_spec.mapped
+    sequences = []
+    for name in names:
+        value = kwargs[name]
+        if isinstance(value, str | bytes) or not hasattr(value, "__len__") or not hasattr(
+            value, "__iter__"
+        ):
+            raise StepInputError(
+                f"{where}, step '{node.id}': mapped argument '{name}' must be a sequence, "
+                f"not {type(value).__name__} (wrap it in unmapped() to pass it whole)"
+            )
+        sequences.append(list(value))
+    if node.map_spec.product:
+        combos = list(itertools.product(*sequences))
+    else:
+        lengths = {len(s) for s in sequences}
+        if len(lengths) > 1:
+            detail = ", ".join(f"{n}={len(s)}" for n, s in zip(names, sequences, strict=True))
+            raise StepInputError(
+                f"{where}, step '{node.id}': mapped arguments have different lengths ({detail}); "
+                "wrap arguments that are not mapped in unmapped()"
+            )
+        combos = list(zip(*sequences, strict=True))
+    return [dict(zip(names, combo, strict=True)) for combo in combos]
+
+
+def _element_key(element: dict[str, Any]) -> Any:
+    from flowcore._cache import canonical
+
+    try:
+        return canonical(element, "element")
+    except CacheKeyError:
+        from flowcore.materializers import content_hash_of, materializer_for
+
+        return {k: content_hash_of(v, materializer_for(type(v)), type(v))
+                for k, v in element.items()}
+
+
+def _plain(element: dict[str, Any]) -> dict[str, Any]:
+    return dict(element)
+
+
+def _combine(node: Node, values: list[Any]) -> Any:
+    sig = node.step.signature
+    if not sig.outputs:
+        return None
+    if sig.multiple_outputs:
+        return tuple(values)
+    return values[0]
+
+
+def _operator_settings(cfg: ResolvedStepConfig, operator: Any) -> Any:
+    raw = cfg.settings.get(f"step_operator.{operator.flavor}") or cfg.settings.get("step_operator")
+    if raw is None:
+        return None
+    return operator.SETTINGS.model_validate(raw)
+
+
+def _tracker_settings(cfg: ResolvedStepConfig, tracker: Any) -> Any:
+    raw = (cfg.settings.get(f"experiment_tracker.{tracker.flavor}")
+           or cfg.settings.get("experiment_tracker"))
+    if raw is None:
+        return None
+    return tracker.SETTINGS.model_validate(raw)
+
+
+async def _shielded(coro: Any) -> Any:
+    """Run a final bookkeeping write even while the run is being cancelled."""
+    return await asyncio.shield(coro)
+
+
+async def execute(prep: PreparedRun, *, raise_on_failure: bool = True) -> PipelineRun:
+    """Record and run a prepared run on the caller's loop.
+
+    Raises:
+        RunNameConflictError: before any step runs.
+        RunFailedError: a step failed (`.run` is the run, `__cause__` the first error).
+        asyncio.CancelledError: the run was cancelled (it is recorded as STOPPED first).
+    """
+    run = prep.run
+    store = await prep.stack.metadata_store()
+    await store.create_run(run)
+    if flog.enabled(_INFO):
+        flog.log(_INFO, "run_started", run=run.name, pipeline=run.pipeline_name,
+                 steps=len(prep.graph.nodes), pid=os.getpid(), host=socket.gethostname())
+    sched = _Scheduler(prep, store)
+    cancelled = False
+    try:
+        await _with_heartbeat(store, run, sched.drive())
+    except asyncio.CancelledError:
+        cancelled = True
+        raise
+    finally:
+        sched._skip_pending()
+        if cancelled:
+            run.status = RunStatus.STOPPED
+        elif any(sr.status is StepStatus.FAILED for sr in sched.step_runs):
+            run.status = RunStatus.FAILED
+        elif any(sr.status is StepStatus.STOPPED for sr in sched.step_runs):
+            run.status = RunStatus.STOPPED
+        else:
+            run.status = RunStatus.COMPLETED
+        run.end_time = _utcnow()
+        prep.first_error = sched.first_error
+        prep.values = sched.values
+        await _shielded(_finalize(store, run, sched.step_runs))
+        flog.log(logging.INFO, f"run_{run.status.value}", run=run.name,
+                 pipeline=run.pipeline_name)
+    if run.status is RunStatus.FAILED and raise_on_failure:
+        failed = [sr.name for sr in sched.step_runs if sr.status is StepStatus.FAILED]
+        err = RunFailedError(
+            f"run '{run.name}' of pipeline '{run.pipeline_name}' failed: step(s) "
+            f"{', '.join(repr(f) for f in failed)} failed"
+            + (f"; first error: {sched.first_error!r}" if sched.first_error else ""),
+            run=run,
+        )
+        raise err from sched.first_error
+    return run
+
+
+async def _finalize(store: MetadataStore, run: PipelineRun, step_runs: list[StepRun]) -> None:
+    # Steps that ended without a store write of their own (skipped, stopped) are written here.
+    for sr in step_runs:
+        if sr.status in (StepStatus.SKIPPED, StepStatus.STOPPED, StepStatus.FAILED):
+            await store.update_step_run(run, sr)
+    for sr in run.steps.values():
+        if sr not in step_runs and sr.status.is_finished:
+            await store.update_step_run(run, sr)
+    await store.update_run(run)
+
+
+async def _with_heartbeat(store: MetadataStore, run: PipelineRun, work: Any) -> None:
+    beat = getattr(store, "heartbeat", None)
+    if beat is None:
+        await work
+        return
+
+    async def beating() -> None:
+        while True:
+            await asyncio.sleep(10)
+            await beat(run)
+
+    async with asyncio.TaskGroup() as tg:
+        beater = tg.create_task(beating(), name=f"flowcore:heartbeat:{run.name}")
+        try:
+            await work
+        finally:
+            beater.cancel()
+
+
+class RunHandle:
+    """A run going on in the background.
+
+    `await handle` (or `await handle.wait()`) returns the `PipelineRun`; `await handle.cancel()`
+    stops it (the run ends STOPPED). From synchronous code, `.result(timeout)` blocks.
+    """
+
+    def __init__(
+        self,
+        prep: PreparedRun,
+        *,
+        task: asyncio.Task[PipelineRun] | None = None,
+        future: Any = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self._prep = prep
+        self._task = task
+        self._future = future
+        self._loop = loop
+
+    @property
+    def run_name(self) -> str:
+        return self._prep.run.name
+
+    @property
+    def run_id(self) -> str:
+        return self._prep.run.id
+
+    @property
+    def run(self) -> PipelineRun:
+        """The live run record (its status and steps change while it runs)."""
+        return self._prep.run
+
+    @property
+    def status(self) -> RunStatus:
+        return self._prep.run.status
+
+    def done(self) -> bool:
+        if self._task is not None:
+            return self._task.done()
+        return bool(self._future.done())
+
+    def __repr__(self) -> str:
+        return f"<RunHandle {self.run_name} {self.status.value.upper()}>"
+
+    def __await__(self) -> Any:
+        return self.wait().__await__()
+
+    async def wait(self) -> PipelineRun:
+        """Wait for the run to end and return it (raises RunFailedError if a step failed)."""
+        if self._task is not None:
+            # Shield: cancelling the waiter must not cancel the run; use cancel() for that.
+            try:
+                return await asyncio.shield(self._task)
+            except asyncio.CancelledError:
+                if self._task.cancelled() and _current_task_not_cancelling():
+                    return self._prep.run
+                raise
+        return await asyncio.wrap_future(self._future)
+
+    async def cancel(self) -> PipelineRun:
+        """Stop the run now; returns it once every step task has ended (status STOPPED)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await asyncio.wait({self._task})
+            finally:
+                pass
+            return self._prep.run
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._cancel_in_loop)
+        try:
+            await asyncio.wrap_future(self._future)
+        except (asyncio.CancelledError, RunFailedError):
+            pass
+        return self._prep.run
+
+    def _cancel_in_loop(self) -> None:
+        for task in asyncio.all_tasks(self._loop):
+            if task.get_name() == f"flowcore:run:{self.run_name}":
+                task.cancel()
+
+    def cancel_sync(self) -> None:
+        """Ask a run on another thread to stop (returns at once)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._cancel_in_loop)
+        elif self._task is not None:
+            self._task.cancel()
+
+    def result(self, timeout: float | None = None) -> PipelineRun:
+        """Block until the run ends (synchronous code only) and return it."""
+        if self._future is None:
+            raise FlowcoreError(
+                f"run '{self.run_name}' runs on an event loop; use `await handle` instead"
+            )
+        import concurrent.futures
+
+        try:
+            result: PipelineRun = self._future.result(timeout)
+        except concurrent.futures.CancelledError:
+            return self._prep.run
+        return result
+
+
+def _current_task_not_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is None or task.cancelling() == 0
+
+
+def start_background(prep: PreparedRun) -> RunHandle:
+    """Start a prepared run as a background task on the running loop."""
+
+    async def main() -> PipelineRun:
+        try:
+            return await execute(prep)
+        except asyncio.CancelledError:
+            if prep.run.status is RunStatus.STOPPED:
+                return prep.run
+            raise
+
+    task = asyncio.get_running_loop().create_task(main(), name=f"flowcore:run:{prep.run.name}")
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return RunHandle(prep, task=task)
+
+
+# Strong references to background runs (the loop keeps only weak ones); each is owned by the
+# RunHandle returned to the caller, who awaits or cancels it.
+_BACKGROUND: set[asyncio.Task[PipelineRun]] = set()

@@ -1,0 +1,277 @@
+"""Inspection of step functions, done once at decoration: inputs, outputs and type checks."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, get_args, get_origin
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+__all__ = ["InputSpec", "OutputSpec", "StepSignature", "inspect_step_function"]
+
+_EMPTY = inspect.Parameter.empty
+_ADAPTER_CONFIG = ConfigDict(arbitrary_types_allowed=True, strict=True)
+
+Checker = Callable[[Any], None]
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    """One parameter of a step function."""
+
+    name: str
+    annotation: Any
+    default: Any
+    kind: inspect._ParameterKind
+    check: Checker | None
+
+    @property
+    def required(self) -> bool:
+        return self.default is _EMPTY and self.kind not in (
+            inspect.Parameter.VAR_POSITIONAL,
+            inspect.Parameter.VAR_KEYWORD,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSpec:
+    """One output of a step: its name, its annotation (or Any) and its type check."""
+
+    name: str
+    annotation: Any
+    check: Checker | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepSignature:
+    """Everything flowcore needs to know about a step function, computed once."""
+
+    inputs: dict[str, InputSpec]
+    outputs: tuple[OutputSpec, ...]
+    multiple_outputs: bool
+    is_async: bool
+    has_var_keyword: bool
+    missing_annotations: tuple[str, ...]
+    source: str
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.outputs)
+
+
+def _strip_annotated(tp: Any) -> tuple[Any, str | None]:
+    if get_origin(tp) is Annotated:
+        args = get_args(tp)
+        name = next((a for a in args[1:] if isinstance(a, str)), None)
+        return args[0], name
+    return tp, None
+
+
+def _make_check(tp: Any) -> Checker | None:
+    """A callable raising ValueError/TypeError when a value does not match `tp`; None for Any."""
+    if tp is Any or tp is _EMPTY or tp is object or isinstance(tp, typing.TypeVar):
+        return None
+    if tp is None or tp is type(None):
+        def check_none(value: Any) -> None:
+            if value is not None:
+                raise TypeError(f"expected None, got {type(value).__name__}")
+        return check_none
+    # Plain classes other than the ones pydantic treats specially get a bare isinstance check:
+    # it is exact, cheap and never converts the value.
+    if isinstance(tp, type) and tp not in (float, complex) and get_origin(tp) is None:
+        if tp is int:
+            def check_int(value: Any) -> None:
+                if type(value) is bool or not isinstance(value, int):
+                    raise TypeError(f"expected int, got {type(value).__name__}")
+            return check_int
+
+        def check_instance(value: Any) -> None:
+            if not isinstance(value, tp):
+                raise TypeError(f"expected {tp.__qualname__}, got {type(value).__name__}")
+        return check_instance
+    try:
+        adapter: TypeAdapter[Any] = TypeAdapter(tp, config=_ADAPTER_CONFIG)
+    except Exception:
+        origin = get_origin(tp)
+        if isinstance(origin, type):
+            def check_origin(value: Any) -> None:
+                if not isinstance(value, origin):
+                    raise TypeError(f"expected {origin.__qualname__}, got {type(value).__name__}")
+            return check_origin
+        return None
+
+    def check_adapter(value: Any) -> None:
+        try:
+            adapter.validate_python(value)
+        except ValidationError as exc:
+            raise TypeError(_short_validation(exc, tp)) from None
+    return check_adapter
+
+
+def _short_validation(exc: ValidationError, tp: Any) -> str:
+    errors = exc.errors()
+    first = errors[0] if errors else {"msg": str(exc), "loc": ()}
+    loc = ".".join(str(x) for x in first["loc"])
+    where = f" at {loc}" if loc else ""
+    return f"expected {_type_name(tp)}{where}: {first['msg']}"
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__qualname__
+    return repr(tp).replace("typing.", "")
+
+
+class _ReturnFinder(ast.NodeVisitor):
+    """Collects the `return` statements of one function, not of functions nested in it."""
+
+    def __init__(self) -> None:
+        self.returns: list[ast.Return] = []
+        self._depth = 0
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+        self._nested(node)
+
+    def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> None:
+        self._nested(node)
+
+    def visit_Lambda(self, node: ast.Lambda) -> None:
+        return None
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        return None
+
+    def _nested(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        if self._depth == 0:
+            self._depth += 1
+            for stmt in node.body:
+                self.visit(stmt)
+            self._depth -= 1
+
+    def visit_Return(self, node: ast.Return) -> None:
+        self.returns.append(node)
+
+
+def _function_source(func: Callable[..., Any]) -> str:
+    try:
+        return textwrap.dedent(inspect.getsource(func))
+    except (OSError, TypeError):
+        code = getattr(func, "__code__", None)
+        return repr(code.co_code) if code is not None else repr(func)
+
+
+def _strip_decorators(source: str) -> str:
+    """The function's source without decorator lines, so re-decorating does not bust caches."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return source
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            node.decorator_list = []
+            return ast.unparse(node)
+    return source
+
+
+def _analyse_returns(source: str) -> tuple[int | None, bool]:
+    """(tuple-literal length if every return returns a tuple literal, has any value return)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None, True
+    fn = next(
+        (n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)), None
+    )
+    if fn is None:
+        return None, True
+    finder = _ReturnFinder()
+    finder.visit(fn)
+    valued = [
+        r for r in finder.returns
+        if r.value is not None
+        and not (isinstance(r.value, ast.Constant) and r.value.value is None)
+    ]
+    if not valued:
+        return None, False
+    if all(isinstance(r.value, ast.Tuple) for r in valued):
+        lengths = {len(r.value.elts) for r in valued if isinstance(r.value, ast.Tuple)}
+        if len(lengths) == 1:
+            return lengths.pop(), True
+        return max(lengths), True
+    return None, True
+
+
+def inspect_step_function(func: Callable[..., Any], step_name: str) -> StepSignature:
+    """Inspect a step function once; the result drives binding, checks and output naming."""
+    sig = inspect.signature(func)
+    try:
+        hints = typing.get_type_hints(func, include_extras=True)
+    except Exception:
+        hints = {k: v for k, v in getattr(func, "__annotations__", {}).items()}
+    missing: list[str] = []
+    inputs: dict[str, InputSpec] = {}
+    has_var_keyword = False
+    for name, param in sig.parameters.items():
+        ann = hints.get(name, _EMPTY)
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            has_var_keyword = True
+        if ann is _EMPTY and param.kind not in (
+            inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD
+        ):
+            missing.append(name)
+        plain, _ = _strip_annotated(ann)
+        check = None
+        if param.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            check = _make_check(plain)
+        inputs[name] = InputSpec(name, plain, param.default, param.kind, check)
+
+    raw_source = _function_source(func)
+    source = _strip_decorators(raw_source)
+    tuple_len, has_value_return = _analyse_returns(raw_source)
+    ret = hints.get("return", _EMPTY)
+    if ret is _EMPTY:
+        missing.append("return")
+    outputs = _outputs_from(ret, tuple_len, has_value_return)
+    return StepSignature(
+        inputs=inputs,
+        outputs=outputs,
+        multiple_outputs=tuple_len is not None and bool(outputs),
+        is_async=inspect.iscoroutinefunction(func),
+        has_var_keyword=has_var_keyword,
+        missing_annotations=tuple(missing),
+        source=source,
+    )
+
+
+def _outputs_from(ret: Any, tuple_len: int | None, has_value_return: bool) -> tuple[OutputSpec, ...]:
+    plain, name = _strip_annotated(ret)
+    if plain is None or plain is type(None) or (ret is _EMPTY and not has_value_return):
+        return ()
+    if tuple_len is not None:
+        # Every return is a tuple literal: several outputs, typed by a tuple[...] annotation.
+        elems: list[Any] = []
+        if get_origin(plain) is tuple:
+            args = get_args(plain)
+            if not (len(args) == 2 and args[1] is Ellipsis):
+                elems = list(args)
+        count = len(elems) if elems else tuple_len
+        specs = []
+        for i in range(count):
+            elem = elems[i] if i < len(elems) else Any
+            elem_plain, elem_name = _strip_annotated(elem)
+            specs.append(OutputSpec(elem_name or f"output_{i}", elem_plain, _make_check(elem_plain)))
+        return tuple(specs)
+    if ret is _EMPTY:
+        return (OutputSpec("output", Any, None),)
+    return (OutputSpec(name or "output", plain, _make_check(plain)),)
+
+
+def is_none_annotation(tp: Any) -> bool:
+    """Whether an annotation means "no value"."""
+    return tp is None or tp is type(None) or tp is types.NoneType

@@ -1,0 +1,232 @@
+"""`@step`: the Step object, its options, and what calling it means in and out of a pipeline."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+from flowcore._signature import StepSignature, inspect_step_function
+from flowcore.exceptions import ConfigError
+
+__all__ = ["STEP_OPTIONS", "OutputHandle", "Step", "step", "unmapped"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STEP_OPTIONS = frozenset({
+    "enable_cache", "retry", "on_start", "on_success", "on_failure", "on_end", "timeout",
+    "output_materializers", "settings", "step_operator", "experiment_tracker",
+    "enable_artifact_metadata", "name", "extra",
+})
+
+
+def check_options(options: dict[str, Any], allowed: frozenset[str], where: str) -> None:
+    """Raise ConfigError naming the first unknown option (and the closest known one)."""
+    import difflib
+
+    for key in options:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{where}: unknown option '{key}'{hint}")
+
+
+def env_flag(name: str) -> bool:
+    """Whether an environment variable is set to a true value."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class OutputHandle:
+    """A placeholder for one output of a step invocation while a pipeline function runs.
+
+    Pass it to other steps (a data dependency) or to `after=` (an order dependency).
+    """
+
+    __slots__ = ("invocation_id", "output_name")
+
+    def __init__(self, invocation_id: str, output_name: str | None) -> None:
+        self.invocation_id = invocation_id
+        self.output_name = output_name
+
+    def __repr__(self) -> str:
+        out = f".{self.output_name}" if self.output_name else ""
+        return f"<OutputHandle {self.invocation_id}{out}>"
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __iter__(self) -> Any:
+        from flowcore.exceptions import PipelineDefinitionError
+
+        raise PipelineDefinitionError(
+            f"the output of step invocation '{self.invocation_id}' is only known at run time; "
+            "it cannot be iterated while the pipeline function runs (use .map() for dynamic "
+            "fan-out)"
+        )
+
+
+class unmapped:  # noqa: N801 - lower-case like the API names it
+    """Wraps an argument of `.map()` / `.product()` so every element gets it whole."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"unmapped({self.value!r})"
+
+
+class Step:
+    """A function turned into a pipeline step by `@step`.
+
+    Inside a pipeline function, calling it records an invocation and returns output handles;
+    outside one, it runs as a single-step run and returns its output value(s).
+    """
+
+    def __init__(self, func: Callable[..., Any], options: dict[str, Any] | None = None) -> None:
+        opts = dict(options or {})
+        check_options(opts, STEP_OPTIONS, f"step '{getattr(func, '__name__', func)}'")
+        self.func = func
+        self.name: str = opts.pop("name", None) or getattr(func, "__name__", "step")
+        self._options = opts
+        self._signature: StepSignature | None = None
+        functools.update_wrapper(self, func)  # type: ignore[arg-type]
+
+    @property
+    def signature(self) -> StepSignature:
+        """Inputs and outputs, inspected once on first use."""
+        if self._signature is None:
+            self._signature = inspect_step_function(self.func, self.name)
+        return self._signature
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options set explicitly (decorator and configure), as a copy."""
+        return dict(self._options)
+
+    @property
+    def is_async(self) -> bool:
+        return self.signature.is_async
+
+    def __repr__(self) -> str:
+        return f"<Step {self.name}>"
+
+    def entrypoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the raw function, nothing else."""
+        return self.func(*args, **kwargs)
+
+    def configure(self, **options: Any) -> Step:
+        """Change options in place; returns the same step."""
+        check_options(options, STEP_OPTIONS, f"step '{self.name}'")
+        if "name" in options:
+            self.name = options.pop("name")
+        self._options.update(options)
+        return self
+
+    def with_options(self, **options: Any) -> Step:
+        """Return a copy with changed options; the original is unchanged."""
+        clone = copy.copy(self)
+        clone._options = dict(self._options)
+        return clone.configure(**options)
+
+    def __call__(
+        self,
+        *args: Any,
+        after: Any = None,
+        step_name: str | None = None,
+        id: str | None = None,  # noqa: A002 - the API's alias of step_name
+        **kwargs: Any,
+    ) -> Any:
+        from flowcore._compile import current_recorder
+
+        recorder = current_recorder()
+        if recorder is not None:
+            return recorder.add_invocation(
+                self, args, kwargs, after=after, invocation_id=step_name or id
+            )
+        if env_flag("FLOWCORE_RUN_SINGLE_STEPS_WITHOUT_STACK"):
+            return self.entrypoint(*args, **kwargs)
+        from flowcore._single import run_step_sync
+
+        return run_step_sync(self, args, kwargs)
+
+    async def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Run this step alone as an unlisted one-step run and return its output value(s)."""
+        if env_flag("FLOWCORE_RUN_SINGLE_STEPS_WITHOUT_STACK"):
+            result = self.entrypoint(*args, **kwargs)
+            if self.is_async:
+                result = await result
+            return result
+        from flowcore._single import run_step_async
+
+        return await run_step_async(self, args, kwargs)
+
+    def map(
+        self,
+        *args: Any,
+        after: Any = None,
+        step_name: str | None = None,
+        id: str | None = None,  # noqa: A002
+        **kwargs: Any,
+    ) -> OutputHandle:
+        """Fan out over a sequence at run time: one invocation per element.
+
+        The first positional argument is mapped; further sequence arguments are zipped with it
+        unless wrapped in `unmapped`. Returns one handle whose value is the list of results.
+        """
+        return self._expand(args, kwargs, after, step_name or id, product=False)
+
+    def product(
+        self,
+        *args: Any,
+        after: Any = None,
+        step_name: str | None = None,
+        id: str | None = None,  # noqa: A002
+        **kwargs: Any,
+    ) -> OutputHandle:
+        """Fan out over the cartesian product of the sequence arguments."""
+        return self._expand(args, kwargs, after, step_name or id, product=True)
+
+    def _expand(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], after: Any,
+        invocation_id: str | None, *, product: bool,
+    ) -> OutputHandle:
+        from flowcore._compile import current_recorder
+        from flowcore.exceptions import PipelineDefinitionError
+
+        recorder = current_recorder()
+        if recorder is None:
+            raise PipelineDefinitionError(
+                f"step '{self.name}': .map()/.product() work only inside a pipeline function"
+            )
+        handle = recorder.add_invocation(
+            self, args, kwargs, after=after, invocation_id=invocation_id,
+            mapping="product" if product else "zip",
+        )
+        assert isinstance(handle, OutputHandle)
+        return handle
+
+
+@overload
+def step(func: F, /) -> Step: ...
+
+
+@overload
+def step(func: None = None, /, **options: Any) -> Callable[[Callable[..., Any]], Step]: ...
+
+
+def step(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    """Turn a function (sync or async) into a pipeline step.
+
+    Use bare (`@step`) or with options (`@step(enable_cache=False, retry=...)`).
+    """
+    if func is not None:
+        return Step(func, options)
+
+    def decorate(f: Callable[..., Any]) -> Step:
+        return Step(f, options)
+
+    return decorate

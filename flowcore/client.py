@@ -1,0 +1,112 @@
+"""Query runs and artifacts: `AsyncClient` on an event loop, `Client` from synchronous code."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from flowcore._models import ArtifactVersion, PipelineRun, RunStatus
+from flowcore.stack import Stack, get_active_stack
+
+__all__ = ["AsyncClient", "Client"]
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """Reads runs and artifacts from a stack's metadata store (the active stack by default)."""
+
+    def __init__(self, stack: Stack | None = None) -> None:
+        self._stack = stack
+
+    @property
+    def active_stack(self) -> Stack:
+        return self._stack or get_active_stack()
+
+    async def get_pipeline_run(self, name_or_id: str) -> PipelineRun:
+        """A run by name or id (raises RunNotFoundError)."""
+        store = await self.active_stack.metadata_store()
+        return await store.get_run(name_or_id)
+
+    async def list_pipeline_runs(
+        self,
+        pipeline_name: str | None = None,
+        status: RunStatus | str | None = None,
+        limit: int = 50,
+    ) -> list[PipelineRun]:
+        """Listed runs, newest first, optionally of one pipeline or status."""
+        store = await self.active_stack.metadata_store()
+        return await store.list_runs(pipeline_name=pipeline_name, status=status, limit=limit)
+
+    async def get_artifact_version(self, artifact_id: str) -> ArtifactVersion:
+        """One artifact version by id (raises ArtifactLoadError if unknown)."""
+        store = await self.active_stack.metadata_store()
+        return await store.get_artifact(artifact_id)
+
+    async def delete_pipeline_run(self, name_or_id: str) -> None:
+        """Delete a run and its step runs."""
+        store = await self.active_stack.metadata_store()
+        await store.delete_run(name_or_id)
+
+    async def clear_cache(self, pipeline_name: str | None = None) -> int:
+        """Forget cache entries (of one pipeline, or all); returns how many."""
+        store = await self.active_stack.metadata_store()
+        return await store.clear_cache(pipeline_name)
+
+
+class Client:
+    """The synchronous twin of `AsyncClient`, with the same methods."""
+
+    def __init__(self, stack: Stack | None = None) -> None:
+        self._stack = stack
+
+    @property
+    def active_stack(self) -> Stack:
+        return self._stack or get_active_stack()
+
+    def _call(self, method: Callable[[AsyncClient], Awaitable[T]]) -> T:
+        stack = self.active_stack
+
+        async def main() -> T:
+            try:
+                return await method(AsyncClient(stack))
+            finally:
+                await stack.close()
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(main())
+        # Called from a thread whose loop is running (an async step body, say): a fresh loop
+        # on a worker thread serves the call. Prefer AsyncClient there.
+        with concurrent.futures.ThreadPoolExecutor(1, "flowcore-client") as pool:
+            return pool.submit(asyncio.run, main()).result()
+
+    def get_pipeline_run(self, name_or_id: str) -> PipelineRun:
+        """A run by name or id (raises RunNotFoundError)."""
+        return self._call(lambda c: c.get_pipeline_run(name_or_id))
+
+    def list_pipeline_runs(
+        self,
+        pipeline_name: str | None = None,
+        status: RunStatus | str | None = None,
+        limit: int = 50,
+    ) -> list[PipelineRun]:
+        """Listed runs, newest first, optionally of one pipeline or status."""
+        return self._call(lambda c: c.list_pipeline_runs(pipeline_name, status, limit))
+
+    def get_artifact_version(self, artifact_id: str) -> ArtifactVersion:
+        """One artifact version by id (raises ArtifactLoadError if unknown)."""
+        return self._call(lambda c: c.get_artifact_version(artifact_id))
+
+    def delete_pipeline_run(self, name_or_id: str) -> None:
+        """Delete a run and its step runs."""
+        self._call(lambda c: c.delete_pipeline_run(name_or_id))
+
+    def clear_cache(self, pipeline_name: str | None = None) -> int:
+        """Forget cache entries (of one pipeline, or all); returns how many."""
+        return self._call(lambda c: c.clear_cache(pipeline_name))
+
+

@@ -1,0 +1,214 @@
+"""The stack: a metadata store, an artifact store and named components (alerter, step
+operators, experiment trackers)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flowcore.exceptions import ConfigError
+from flowcore.stack._alerters import Alerter
+from flowcore.stack._operators import LocalStepOperator, StepOperator
+from flowcore.stack._trackers import ExperimentTracker
+from flowcore.stores._base import ArtifactStore, MetadataStore
+from flowcore.stores._memory import InMemoryArtifactStore, InMemoryMetadataStore
+
+__all__ = [
+    "Alerter",
+    "ExperimentTracker",
+    "LocalStepOperator",
+    "Stack",
+    "StepOperator",
+    "get_active_stack",
+    "set_active_stack",
+]
+
+MetadataFactory = Callable[[ArtifactStore], MetadataStore]
+
+
+def flowcore_home() -> Path:
+    """`$FLOWCORE_HOME`, default `./.flowcore`, read now (not at import)."""
+    return Path(os.environ.get("FLOWCORE_HOME") or ".flowcore").absolute()
+
+
+class Stack:
+    """Where runs are stored and where steps run.
+
+    Build one with `Stack.local(path)`, `Stack.in_memory()` or `Stack.from_yaml(path)`; add
+    components with `with_components(...)`.
+    """
+
+    def __init__(
+        self,
+        *,
+        artifact_store: ArtifactStore,
+        metadata_store: MetadataStore | None = None,
+        metadata_factory: MetadataFactory | None = None,
+        alerter: Alerter | None = None,
+        step_operators: Mapping[str, StepOperator] | None = None,
+        experiment_trackers: Mapping[str, ExperimentTracker] | None = None,
+        name: str = "default",
+        root: Path | None = None,
+    ) -> None:
+        if metadata_store is None and metadata_factory is None:
+            raise ConfigError("a stack needs a metadata store")
+        self.name = name
+        self.root = root
+        self.artifact_store = artifact_store
+        # A store bound to no event loop (memory) is shared; a connection-owning store is made
+        # per event loop, because its connection belongs to the loop that opened it.
+        self._shared_store = metadata_store
+        self._factory = metadata_factory
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MetadataStore] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._open_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.alerter = alerter
+        self.step_operators: dict[str, StepOperator] = dict(step_operators or {})
+        self.experiment_trackers: dict[str, ExperimentTracker] = dict(experiment_trackers or {})
+        self.local_operator = LocalStepOperator()
+
+    def __repr__(self) -> str:
+        where = self.root if self.root else "memory"
+        return f"<Stack {self.name} {where}>"
+
+    @classmethod
+    def in_memory(cls) -> Stack:
+        """A stack that keeps runs and artifacts in this process only."""
+        return cls(
+            metadata_store=InMemoryMetadataStore(),
+            artifact_store=InMemoryArtifactStore(),
+            name="in_memory",
+        )
+
+    @classmethod
+    def local(cls, path: str | os.PathLike[str]) -> Stack:
+        """A durable stack rooted at `path`: `flowcore.db` (SQLite) and `artifacts/`."""
+        from flowcore.stores._local import LocalArtifactStore
+        from flowcore.stores._sqlite import SqliteMetadataStore
+
+        root = Path(path).absolute()
+        artifacts = LocalArtifactStore(root / "artifacts")
+        db = root / "flowcore.db"
+        return cls(
+            artifact_store=artifacts,
+            metadata_factory=lambda a: SqliteMetadataStore(db, a),
+            name="local",
+            root=root,
+        )
+
+    @classmethod
+    def default(cls) -> Stack:
+        """The local stack under `$FLOWCORE_HOME` (one per home directory per process)."""
+        home = flowcore_home()
+        stack = _default_stacks.get(home)
+        if stack is None:
+            stack = _default_stacks[home] = cls.local(home)
+        return stack
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> Stack:
+        """Load a stack from a YAML file (see API.md section 9)."""
+        from flowcore.stack._yaml import stack_from_yaml
+
+        return stack_from_yaml(Path(path))
+
+    def with_components(
+        self,
+        *,
+        alerter: Alerter | None = None,
+        step_operators: Mapping[str, StepOperator] | None = None,
+        experiment_trackers: Mapping[str, ExperimentTracker] | None = None,
+    ) -> Stack:
+        """A new stack sharing this one's stores, with components added or replaced."""
+        clone = Stack.__new__(Stack)
+        clone.__dict__.update(self.__dict__)
+        clone.alerter = alerter if alerter is not None else self.alerter
+        clone.step_operators = {**self.step_operators, **(step_operators or {})}
+        clone.experiment_trackers = {**self.experiment_trackers, **(experiment_trackers or {})}
+        return clone
+
+    @property
+    def is_in_memory(self) -> bool:
+        return self._shared_store is not None
+
+    async def metadata_store(self) -> MetadataStore:
+        """The metadata store for the running event loop, opened on first use."""
+        if self._shared_store is not None:
+            return self._shared_store
+        loop = asyncio.get_running_loop()
+        store = self._per_loop.get(loop)
+        if store is not None:
+            return store
+        lock = self._open_locks.setdefault(loop, asyncio.Lock())
+        async with lock:
+            store = self._per_loop.get(loop)
+            if store is None:
+                assert self._factory is not None
+                store = self._factory(self.artifact_store)
+                await store.open()
+                self._per_loop[loop] = store
+        return store
+
+    async def close(self) -> None:
+        """Close the store opened on the running loop (the next use opens it again)."""
+        if self._shared_store is not None:
+            return
+        loop = asyncio.get_running_loop()
+        store = self._per_loop.pop(loop, None)
+        if store is not None:
+            await store.close()
+
+    def step_operator(self, name: str | None) -> StepOperator:
+        """The operator named `name`, or the local one for None."""
+        if name is None:
+            return self.local_operator
+        try:
+            return self.step_operators[name]
+        except KeyError:
+            raise ConfigError(self._unknown("step_operator", name, self.step_operators)) from None
+
+    def experiment_tracker(self, name: str) -> ExperimentTracker:
+        try:
+            return self.experiment_trackers[name]
+        except KeyError:
+            raise ConfigError(
+                self._unknown("experiment_tracker", name, self.experiment_trackers)
+            ) from None
+
+    def _unknown(self, kind: str, name: str, known: Mapping[str, Any]) -> str:
+        names = ", ".join(sorted(known)) or "none"
+        return f"the stack has no {kind} named '{name}' (it has: {names})"
+
+
+_default_stacks: dict[Path, Stack] = {}
+_active_stack: Stack | None = None
+
+
+def set_active_stack(stack: Stack | None) -> None:
+    """Make `stack` the one runs and clients use when none is given (None: back to default)."""
+    global _active_stack
+    _active_stack = stack
+
+
+def get_active_stack() -> Stack:
+    """The active stack: set_active_stack(), else `$FLOWCORE_STACK` (a YAML path), else the
+    default local stack under `$FLOWCORE_HOME`."""
+    if _active_stack is not None:
+        return _active_stack
+    yaml_path = os.environ.get("FLOWCORE_STACK")
+    if yaml_path:
+        stack = _yaml_stacks.get(yaml_path)
+        if stack is None:
+            stack = _yaml_stacks[yaml_path] = Stack.from_yaml(yaml_path)
+        return stack
+    return Stack.default()
+
+
+_yaml_stacks: dict[str, Stack] = {}

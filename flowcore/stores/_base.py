@@ -1,0 +1,107 @@
+"""The two storage interfaces the runner talks to: run metadata and artifact content."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from flowcore._models import ArtifactVersion, PipelineRun, RunStatus, StepRun
+
+__all__ = ["ArtifactStore", "MetadataStore"]
+
+
+class MetadataStore(abc.ABC):
+    """Where runs, step runs, artifact rows and the cache index live.
+
+    Every method that changes state is one atomic transition: a cancellation or a crash
+    between two calls never leaves half of one behind.
+    """
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Open connections and create or migrate the schema; safe to call twice."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush pending writes and release connections."""
+
+    @abc.abstractmethod
+    async def create_run(self, run: PipelineRun) -> None:
+        """Record a new RUNNING run with its PENDING step runs.
+
+        Raises:
+            RunNameConflictError: the run's name is already used in this store.
+        """
+
+    @abc.abstractmethod
+    async def update_run(self, run: PipelineRun) -> None:
+        """Store the run's status and end time."""
+
+    @abc.abstractmethod
+    async def update_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
+        """Store a step run's status, timings, attempts, error, cache key, hook errors and outputs."""
+
+    @abc.abstractmethod
+    async def get_run(self, name_or_id: str) -> PipelineRun:
+        """Return a run by name or id.
+
+        Raises:
+            RunNotFoundError: no such run.
+        """
+
+    @abc.abstractmethod
+    async def list_runs(
+        self,
+        pipeline_name: str | None = None,
+        status: RunStatus | str | None = None,
+        limit: int = 50,
+    ) -> list[PipelineRun]:
+        """Return listed runs, newest first."""
+
+    @abc.abstractmethod
+    async def get_artifact(self, artifact_id: str) -> ArtifactVersion:
+        """Return one artifact version by id.
+
+        Raises:
+            ArtifactLoadError: no such artifact.
+        """
+
+    @abc.abstractmethod
+    async def find_cached(self, cache_key: str) -> StepRun | None:
+        """Return the newest COMPLETED step run stored under `cache_key`, or None."""
+
+    async def delete_run(self, name_or_id: str) -> None:
+        """Delete a run and its step runs (artifacts stay until garbage-collected)."""
+        raise NotImplementedError
+
+    async def clear_cache(self, pipeline_name: str | None = None) -> int:
+        """Forget cache entries (of one pipeline, or all); returns how many."""
+        raise NotImplementedError
+
+
+class ArtifactStore(abc.ABC):
+    """Where artifact content lives."""
+
+    @abc.abstractmethod
+    async def save(
+        self,
+        value: Any,
+        *,
+        materializer: type[Any],
+        data_type: type[Any],
+        name: str,
+        producer_step_run_id: str,
+        step_label: str,
+    ) -> ArtifactVersion:
+        """Store `value` with `materializer` and return its (not yet recorded) artifact version.
+
+        `step_label` names the step in warnings and errors.
+        """
+
+    @abc.abstractmethod
+    def exists(self, artifact: ArtifactVersion) -> bool:
+        """Whether the artifact's content is still there (a cache hit needs it)."""
+
+    @abc.abstractmethod
+    def bind(self, artifact: ArtifactVersion) -> ArtifactVersion:
+        """Attach this store's loader to an artifact version read back from metadata."""

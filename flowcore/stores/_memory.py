@@ -1,0 +1,142 @@
+"""A metadata store and an artifact store that keep everything in this process."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from typing import Any
+
+from flowcore._models import ArtifactVersion, PipelineRun, RunStatus, StepRun, StepStatus
+from flowcore.exceptions import ArtifactLoadError, RunNameConflictError, RunNotFoundError
+from flowcore.stores._base import ArtifactStore, MetadataStore
+
+__all__ = ["InMemoryArtifactStore", "InMemoryMetadataStore"]
+
+
+class InMemoryMetadataStore(MetadataStore):
+    """Runs and the cache index held in dictionaries; the run objects are shared, not copied."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, PipelineRun] = {}
+        self._names: dict[str, str] = {}
+        self._artifacts: dict[str, ArtifactVersion] = {}
+        self._cache: dict[str, StepRun] = {}
+        self._cache_pipeline: dict[str, str] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def create_run(self, run: PipelineRun) -> None:
+        if run.name in self._names:
+            raise RunNameConflictError(
+                f"run name '{run.name}' is already used (pipeline '{run.pipeline_name}'); "
+                "choose another run_name or add a placeholder such as {time} or {run_id}"
+            )
+        self._names[run.name] = run.id
+        self._runs[run.id] = run
+
+    async def update_run(self, run: PipelineRun) -> None:
+        return None
+
+    async def update_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
+        if step_run.status is StepStatus.COMPLETED:
+            for art in step_run.outputs.values():
+                self._artifacts[art.id] = art
+            if step_run.cache_key is not None:
+                self._cache[step_run.cache_key] = step_run
+                self._cache_pipeline[step_run.cache_key] = run.pipeline_name
+
+    async def get_run(self, name_or_id: str) -> PipelineRun:
+        run_id = self._names.get(name_or_id, name_or_id)
+        try:
+            return self._runs[run_id]
+        except KeyError:
+            raise RunNotFoundError(f"no pipeline run named or with id '{name_or_id}'") from None
+
+    async def list_runs(
+        self,
+        pipeline_name: str | None = None,
+        status: RunStatus | str | None = None,
+        limit: int = 50,
+    ) -> list[PipelineRun]:
+        wanted = RunStatus(status) if status is not None else None
+        out = [
+            r
+            for r in reversed(self._runs.values())
+            if not r.unlisted
+            and (pipeline_name is None or r.pipeline_name == pipeline_name)
+            and (wanted is None or r.status is wanted)
+        ]
+        return out[:limit]
+
+    async def get_artifact(self, artifact_id: str) -> ArtifactVersion:
+        try:
+            return self._artifacts[artifact_id]
+        except KeyError:
+            raise ArtifactLoadError(f"no artifact version with id '{artifact_id}'") from None
+
+    async def find_cached(self, cache_key: str) -> StepRun | None:
+        return self._cache.get(cache_key)
+
+    async def delete_run(self, name_or_id: str) -> None:
+        run = await self.get_run(name_or_id)
+        del self._runs[run.id]
+        self._names.pop(run.name, None)
+        for key in [k for k, s in self._cache.items() if s.pipeline_run_id == run.id]:
+            del self._cache[key]
+            self._cache_pipeline.pop(key, None)
+
+    async def clear_cache(self, pipeline_name: str | None = None) -> int:
+        keys = [
+            k for k in self._cache
+            if pipeline_name is None or self._cache_pipeline.get(k) == pipeline_name
+        ]
+        for k in keys:
+            del self._cache[k]
+            self._cache_pipeline.pop(k, None)
+        return len(keys)
+
+
+def _memory_hasher(value: Any, materializer: type[Any], data_type: type[Any]) -> Any:
+    def compute() -> str:
+        from flowcore.materializers import content_hash_of
+
+        return content_hash_of(value, materializer, data_type)
+
+    return compute
+
+
+class InMemoryArtifactStore(ArtifactStore):
+    """Keeps output values by reference; a content hash is computed only when a cache key needs it."""
+
+    async def save(
+        self,
+        value: Any,
+        *,
+        materializer: type[Any],
+        data_type: type[Any],
+        name: str,
+        producer_step_run_id: str,
+        step_label: str,
+    ) -> ArtifactVersion:
+        art_id = uuid.uuid4().hex
+        return ArtifactVersion(
+            id=art_id,
+            name=name,
+            uri=f"memory://{art_id}",
+            materializer=f"{materializer.__module__}.{materializer.__qualname__}",
+            data_type=f"{data_type.__module__}.{data_type.__qualname__}",
+            producer_step_run_id=producer_step_run_id,
+            python_version=sys.version.split()[0],
+            hasher=_memory_hasher(value, materializer, data_type),
+            value=value,
+        )
+
+    def exists(self, artifact: ArtifactVersion) -> bool:
+        return artifact.uri.startswith("memory://")
+
+    def bind(self, artifact: ArtifactVersion) -> ArtifactVersion:
+        return artifact
