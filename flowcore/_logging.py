@@ -7,6 +7,7 @@ Every event is a snake_case name with key=value fields (run, step, attempt, ...)
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -16,7 +17,9 @@ __all__ = ["enabled", "log", "stdlib_logger"]
 stdlib_logger = logging.getLogger("flowcore")
 
 
-def _render(_: Any, __: str, event_dict: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _render(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     # Hand the stdlib logger a readable one-line message and the raw fields (as `extra`), so
     # both plain handlers and structured ones (JSON formatters) get what they need.
     event = event_dict.pop("event", "")

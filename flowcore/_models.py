@@ -20,7 +20,7 @@ __all__ = [
 ]
 
 
-class StepStatus(str, enum.Enum):
+class StepStatus(enum.StrEnum):
     """Where one step invocation is in its life."""
 
     PENDING = "pending"
@@ -46,7 +46,7 @@ _FINISHED_STEP = frozenset(
 )
 
 
-class RunStatus(str, enum.Enum):
+class RunStatus(enum.StrEnum):
     """Where a pipeline run is in its life; CRASHED means its process died mid-run."""
 
     RUNNING = "running"

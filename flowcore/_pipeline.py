@@ -54,7 +54,7 @@ class Pipeline:
         self.name: str = opts.pop("name", None) or getattr(func, "__name__", "pipeline")
         self._options = opts  # decorator + configure()
         self._run_options: dict[str, Any] = {}  # with_options(): beats the YAML file
-        functools.update_wrapper(self, func)  # type: ignore[arg-type]
+        functools.update_wrapper(self, func)
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name}>"

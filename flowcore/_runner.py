@@ -84,13 +84,54 @@ class _Lazy:
 class _NodePlan:
     """Per-node things resolved once before the run starts (hooks, materializers, operator)."""
 
-    __slots__ = ("hooks", "materializers", "operator", "tracker")
+    __slots__ = ("hooks", "materializers", "operator", "operator_settings", "tracker",
+                 "tracker_settings")
 
     def __init__(self) -> None:
         self.hooks: dict[str, BoundHook] = {}
         self.materializers: dict[str, type[Any]] = {}
         self.operator: Any = None
         self.tracker: Any = None
+        self.operator_settings: Any = None
+        self.tracker_settings: Any = None
+
+
+_KNOWN_SETTINGS = frozenset({"step_operator", "experiment_tracker", "orchestrator", "alerter"})
+
+
+def _validated_settings(cfg: ResolvedStepConfig, kind: str, component: Any, where: str) -> Any:
+    """Validate `settings["<kind>"]` / `settings["<kind>.<flavor>"]` with the component's model.
+
+    Settings for a component the step does not use are logged, not fatal.
+    """
+    from pydantic import ValidationError
+
+    from flowcore.config import format_validation_error
+
+    keys = [k for k in cfg.settings if k == kind or k.startswith(kind + ".")]
+    if not keys:
+        return None
+    if component is None:
+        for key in keys:
+            flog.log(logging.WARNING, "settings_unused", where=where, key=key,
+                     reason=f"the step uses no {kind}")
+        return None
+    chosen = None
+    for key in keys:
+        flavor = key.partition(".")[2]
+        if flavor and flavor != component.flavor:
+            flog.log(logging.WARNING, "settings_unused", where=where, key=key,
+                     reason=f"the step's {kind} is of flavor '{component.flavor}'")
+            continue
+        try:
+            validated = component.SETTINGS.model_validate(cfg.settings[key])
+        except ValidationError as exc:
+            raise ConfigError(
+                f"{where}: settings '{key}': {format_validation_error(exc)}"
+            ) from None
+        if chosen is None or flavor:
+            chosen = validated
+    return chosen
 
 
 class PreparedRun:
@@ -162,6 +203,16 @@ def _bind_plans(graph: Graph, stack: Stack) -> list[_NodePlan]:
                 plan.tracker = stack.experiment_tracker(cfg.experiment_tracker)
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
+        plan.operator_settings = _validated_settings(
+            cfg, "step_operator", plan.operator, where)
+        plan.tracker_settings = _validated_settings(
+            cfg, "experiment_tracker", plan.tracker, where)
+        for setting in cfg.settings:
+            kind = setting.split(".", 1)[0]
+            if kind not in _KNOWN_SETTINGS and flog.enabled(logging.WARNING):
+                flog.log(logging.WARNING, "settings_unused", pipeline=graph.pipeline_name,
+                         step=node.id, key=setting,
+                         reason="no stack component of this type uses it")
         plans.append(plan)
     return plans
 
@@ -650,7 +701,7 @@ class _Scheduler:
         if self.first_error is None:
             self.first_error = exc
         await self._persist(sr)
-        flog.log(logging.ERROR if self.log_on else logging.ERROR, "step_failed",
+        flog.log(logging.ERROR, "step_failed",
                  run=self.run.name, step=sr.name, attempt=sr.attempts, error=repr(exc))
         hooks = plan.hooks
         if "on_failure" in hooks:
@@ -704,13 +755,15 @@ class _Scheduler:
             return await step.func(**kwargs)
         if operator is None:
             operator = self.prep.stack.local_operator
-        coro = operator.run(step.func, kwargs, is_async=step.is_async,
-                            settings=_operator_settings(cfg, operator))
+        func = step.func
         if tracker is not None:
-            with tracker.track(pipeline_name=self.graph.pipeline_name, run_name=self.run.name,
-                               step_name=node.id,
-                               settings=_tracker_settings(cfg, tracker)):
-                return await self._with_timeout(node, coro, attempt)
+            # The tracker's context is entered where the body runs (a worker thread for a
+            # sync body), since trackers such as MLflow keep their active run per thread.
+            func = _tracked(func, tracker, step.is_async, pipeline_name=self.graph.pipeline_name,
+                            run_name=self.run.name, step_name=node.id,
+                            settings=plan.tracker_settings)
+        coro = operator.run(func, kwargs, is_async=step.is_async,
+                            settings=plan.operator_settings)
         return await self._with_timeout(node, coro, attempt)
 
     async def _with_timeout(self, node: Node, coro: Any, attempt: int) -> Any:
@@ -845,19 +898,17 @@ def _combine(node: Node, values: list[Any]) -> Any:
     return values[0]
 
 
-def _operator_settings(cfg: ResolvedStepConfig, operator: Any) -> Any:
-    raw = cfg.settings.get(f"step_operator.{operator.flavor}") or cfg.settings.get("step_operator")
-    if raw is None:
-        return None
-    return operator.SETTINGS.model_validate(raw)
+def _tracked(func: Callable[..., Any], tracker: Any, is_async: bool, **track: Any) -> Any:
+    if is_async:
+        async def tracked_async(**kwargs: Any) -> Any:
+            with tracker.track(**track):
+                return await func(**kwargs)
+        return tracked_async
 
-
-def _tracker_settings(cfg: ResolvedStepConfig, tracker: Any) -> Any:
-    raw = (cfg.settings.get(f"experiment_tracker.{tracker.flavor}")
-           or cfg.settings.get("experiment_tracker"))
-    if raw is None:
-        return None
-    return tracker.SETTINGS.model_validate(raw)
+    def tracked(**kwargs: Any) -> Any:
+        with tracker.track(**track):
+            return func(**kwargs)
+    return tracked
 
 
 async def _shielded(coro: Any) -> Any:

@@ -67,7 +67,7 @@ class OutputHandle:
         )
 
 
-class unmapped:  # noqa: N801 - lower-case like the API names it
+class unmapped:
     """Wraps an argument of `.map()` / `.product()` so every element gets it whole."""
 
     __slots__ = ("value",)
@@ -93,7 +93,7 @@ class Step:
         self.name: str = opts.pop("name", None) or getattr(func, "__name__", "step")
         self._options = opts
         self._signature: StepSignature | None = None
-        functools.update_wrapper(self, func)  # type: ignore[arg-type]
+        functools.update_wrapper(self, func)
 
     @property
     def signature(self) -> StepSignature:
@@ -137,7 +137,7 @@ class Step:
         *args: Any,
         after: Any = None,
         step_name: str | None = None,
-        id: str | None = None,  # noqa: A002 - the API's alias of step_name
+        id: str | None = None,
         **kwargs: Any,
     ) -> Any:
         from flowcore._compile import current_recorder
@@ -169,7 +169,7 @@ class Step:
         *args: Any,
         after: Any = None,
         step_name: str | None = None,
-        id: str | None = None,  # noqa: A002
+        id: str | None = None,
         **kwargs: Any,
     ) -> OutputHandle:
         """Fan out over a sequence at run time: one invocation per element.
@@ -184,7 +184,7 @@ class Step:
         *args: Any,
         after: Any = None,
         step_name: str | None = None,
-        id: str | None = None,  # noqa: A002
+        id: str | None = None,
         **kwargs: Any,
     ) -> OutputHandle:
         """Fan out over the cartesian product of the sequence arguments."""

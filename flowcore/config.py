@@ -14,7 +14,7 @@ from flowcore.exceptions import ConfigError
 __all__ = ["ExecutionMode", "RunConfigFile", "StepConfigFile", "StepRetryConfig", "load_run_config"]
 
 
-class ExecutionMode(str, enum.Enum):
+class ExecutionMode(enum.StrEnum):
     """What a run does when a step fails."""
 
     FAIL_FAST = "fail_fast"

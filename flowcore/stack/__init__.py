@@ -11,18 +11,29 @@ from pathlib import Path
 from typing import Any
 
 from flowcore.exceptions import ConfigError
-from flowcore.stack._alerters import Alerter
-from flowcore.stack._operators import LocalStepOperator, StepOperator
-from flowcore.stack._trackers import ExperimentTracker
+from flowcore.stack._alerters import Alerter, WebhookAlerter
+from flowcore.stack._operators import (
+    DaskStepOperator,
+    LocalStepOperator,
+    ProcessStepOperator,
+    StepOperator,
+    StepOperatorError,
+)
+from flowcore.stack._trackers import ExperimentTracker, MLflowExperimentTracker
 from flowcore.stores._base import ArtifactStore, MetadataStore
 from flowcore.stores._memory import InMemoryArtifactStore, InMemoryMetadataStore
 
 __all__ = [
     "Alerter",
+    "DaskStepOperator",
     "ExperimentTracker",
     "LocalStepOperator",
+    "MLflowExperimentTracker",
+    "ProcessStepOperator",
     "Stack",
     "StepOperator",
+    "StepOperatorError",
+    "WebhookAlerter",
     "get_active_stack",
     "set_active_stack",
 ]
@@ -157,7 +168,10 @@ class Stack:
         return store
 
     async def close(self) -> None:
-        """Close the store opened on the running loop (the next use opens it again)."""
+        """Close what was opened on the running loop: the store and the step operators' pools
+        and clusters (the next use opens them again)."""
+        for operator in self.step_operators.values():
+            await operator.stop()
         if self._shared_store is not None:
             return
         loop = asyncio.get_running_loop()

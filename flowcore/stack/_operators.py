@@ -6,12 +6,28 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import multiprocessing
+import sys
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["LocalStepOperator", "StepOperator", "StepOperatorSettings"]
+from flowcore.exceptions import ConfigError, FlowcoreError
+
+
+class StepOperatorError(FlowcoreError):
+    """A step operator could not run a step (a worker process died, a cluster went away)."""
+
+__all__ = [
+    "DaskStepOperator",
+    "LocalStepOperator",
+    "ProcessStepOperator",
+    "StepOperator",
+    "StepOperatorError",
+    "StepOperatorSettings",
+]
 
 
 class StepOperatorSettings(BaseModel):
@@ -64,3 +80,236 @@ class LocalStepOperator(StepOperator):
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
         return await loop.run_in_executor(None, functools.partial(ctx.run, func, **kwargs))
+
+
+class _Worker:
+    """One child process serving calls over a pipe; killed when its call is cancelled."""
+
+    def __init__(self, ctx: Any) -> None:
+        from flowcore.stack._process_worker import worker_main
+
+        parent, child = ctx.Pipe(duplex=True)
+        self.conn: Connection = parent
+        self.process = ctx.Process(target=worker_main, args=(child,), daemon=True,
+                                   name="flowcore-step-worker")
+        self.process.start()
+        child.close()
+
+    def roundtrip(self, payload: bytes) -> bytes:
+        self.conn.send_bytes(payload)
+        return self.conn.recv_bytes()
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.process.is_alive())
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+
+class ProcessStepOperator(StepOperator):
+    """Runs step bodies in a pool of worker processes; body and inputs travel by cloudpickle.
+
+    A worker that dies mid-step fails that step (retries can absorb it) and is replaced; a
+    cancelled step's worker is killed, so cancellation stops the work now. Step context is not
+    available inside the worker process.
+    """
+
+    flavor: ClassVar[str] = "process"
+
+    def __init__(self, max_workers: int | None = None, start_method: str = "forkserver") -> None:
+        import os
+
+        if start_method not in multiprocessing.get_all_start_methods():
+            raise ConfigError(f"ProcessStepOperator: unknown start_method {start_method!r}")
+        self.max_workers = max_workers or os.cpu_count() or 2
+        self.start_method = start_method
+        self._idle: list[_Worker] = []
+        self._count = 0
+        self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"<ProcessStepOperator max_workers={self.max_workers}>"
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._loop is not loop:
+            self._slots = asyncio.Semaphore(self.max_workers)
+            self._loop = loop
+        return self._slots
+
+    async def _take_worker(self) -> _Worker:
+        while self._idle:
+            worker = self._idle.pop()
+            if worker.alive:
+                return worker
+            worker.kill()
+        ctx = multiprocessing.get_context(self.start_method)
+        return await asyncio.to_thread(_Worker, ctx)
+
+    async def run(
+        self,
+        func: Callable[..., Any],
+        kwargs: dict[str, Any],
+        *,
+        is_async: bool,
+        settings: BaseModel | None = None,
+    ) -> Any:
+        import cloudpickle
+
+        try:
+            body = cloudpickle.dumps((func, kwargs, is_async))
+        except Exception as exc:
+            raise StepOperatorError(
+                f"cannot send step body or inputs to a worker process: {exc}") from exc
+        payload = cloudpickle.dumps((list(sys.path), body))
+        async with self._semaphore():
+            worker = await self._take_worker()
+            try:
+                reply = await asyncio.to_thread(worker.roundtrip, payload)
+            except asyncio.CancelledError:
+                worker.kill()
+                raise
+            except (EOFError, OSError) as exc:
+                code = worker.process.exitcode
+                worker.kill()
+                raise StepOperatorError(
+                    f"worker process {worker.process.pid} died while running the step "
+                    f"(exit code {code})") from exc
+            except BaseException:
+                worker.kill()
+                raise
+            self._idle.append(worker)
+        status, value = cloudpickle.loads(reply)
+        if status == "err":
+            raise value
+        return value
+
+    async def stop(self) -> None:
+        idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.conn.close()
+            await asyncio.to_thread(worker.process.join, 5)
+            if worker.process.is_alive():
+                worker.kill()
+
+
+class DaskStepOperatorSettings(StepOperatorSettings):
+    """Per-step Dask settings: resources and retries handled by Dask itself."""
+
+    resources: dict[str, float] | None = None
+    priority: int = 0
+
+
+def _dask_call(func: Callable[..., Any], kwargs: dict[str, Any], is_async: bool) -> Any:
+    result = func(**kwargs)
+    if is_async:
+        import asyncio as _asyncio
+
+        return _asyncio.run(_await_result(result))
+    return result
+
+
+async def _await_result(awaitable: Any) -> Any:
+    return await awaitable
+
+
+class DaskStepOperator(StepOperator):
+    """Runs step bodies on a Dask cluster through `distributed.Client(asynchronous=True)`.
+
+    With no `address` it starts a `LocalCluster(n_workers, processes=processes)` on first use.
+    Cancelling a step cancels its Dask future. Needs `pip install flowcore[dask]`.
+    """
+
+    flavor: ClassVar[str] = "dask"
+    SETTINGS: ClassVar[type[BaseModel]] = DaskStepOperatorSettings
+
+    def __init__(
+        self,
+        address: str | None = None,
+        n_workers: int | None = None,
+        processes: bool = True,
+        threads_per_worker: int = 1,
+    ) -> None:
+        self.address = address
+        self.n_workers = n_workers
+        self.processes = processes
+        self.threads_per_worker = threads_per_worker
+        self._clients: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._clusters: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._lock: asyncio.Lock | None = None
+
+    def __repr__(self) -> str:
+        return f"<DaskStepOperator {self.address or 'LocalCluster'}>"
+
+    async def _client(self) -> Any:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is not None:
+            return client
+        if self._lock is None or getattr(self._lock, "_flowcore_loop", None) is not loop:
+            self._lock = asyncio.Lock()
+            self._lock._flowcore_loop = loop  # type: ignore[attr-defined]
+        async with self._lock:
+            client = self._clients.get(loop)
+            if client is not None:
+                return client
+            try:
+                import distributed
+            except ImportError as exc:
+                raise ConfigError(
+                    "DaskStepOperator needs dask.distributed: pip install 'flowcore[dask]'"
+                ) from exc
+            if self.address is None:
+                cluster = await distributed.LocalCluster(  # type: ignore[no-untyped-call]
+                    n_workers=self.n_workers,
+                    processes=self.processes,
+                    threads_per_worker=self.threads_per_worker,
+                    asynchronous=True,
+                    dashboard_address=None,
+                )
+                self._clusters[loop] = cluster
+                client = await distributed.Client(  # type: ignore[no-untyped-call]
+                    cluster, asynchronous=True)
+            else:
+                client = await distributed.Client(  # type: ignore[no-untyped-call]
+                    self.address, asynchronous=True)
+            self._clients[loop] = client
+            return client
+
+    async def start(self) -> None:
+        await self._client()
+
+    async def run(
+        self,
+        func: Callable[..., Any],
+        kwargs: dict[str, Any],
+        *,
+        is_async: bool,
+        settings: BaseModel | None = None,
+    ) -> Any:
+        client = await self._client()
+        options: dict[str, Any] = {"pure": False}
+        if isinstance(settings, DaskStepOperatorSettings):
+            if settings.resources:
+                options["resources"] = settings.resources
+            options["priority"] = settings.priority
+        future = client.submit(_dask_call, func, kwargs, is_async, **options)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            await asyncio.shield(future.cancel())
+            raise
+
+    async def stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        client = self._clients.pop(loop, None)
+        if client is not None:
+            await client.close()
+        cluster = self._clusters.pop(loop, None)
+        if cluster is not None:
+            await cluster.close()
