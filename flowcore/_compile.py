@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextvars
 import difflib
-import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ def current_recorder() -> Recorder | None:
     return _recorder.get()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResolvedStepConfig:
     """One invocation's configuration after step > YAML > pipeline > default resolution."""
 
@@ -75,6 +74,9 @@ def _to_refs(value: Any, where: str) -> Any:
 def _after_ids(after: Any) -> Iterator[str]:
     if after is None:
         return
+    if type(after) is list and all(type(a) is OutputHandle for a in after):
+        yield from (a.invocation_id for a in after)
+        return
     if isinstance(after, str):
         yield after
     elif isinstance(after, OutputHandle):
@@ -94,6 +96,7 @@ class Recorder:
     def __init__(self, pipeline_name: str) -> None:
         self.pipeline_name = pipeline_name
         self.invocations: dict[str, _Invocation] = {}
+        self._next_suffix: dict[str, int] = {}
 
     def _new_id(self, step: Step, explicit: str | None) -> str:
         if explicit is not None:
@@ -111,9 +114,11 @@ class Recorder:
         base = step.name
         if base not in self.invocations:
             return base
-        k = 2
+        # Remember the last suffix per name so n repeats cost O(n), not O(n^2).
+        k = self._next_suffix.get(base, 2)
         while f"{base}_{k}" in self.invocations:
             k += 1
+        self._next_suffix[base] = k + 1
         return f"{base}_{k}"
 
     def add_invocation(
@@ -129,10 +134,7 @@ class Recorder:
         inv_id = self._new_id(step, invocation_id)
         where = f"pipeline '{self.pipeline_name}', step '{inv_id}'"
         sig = step.signature
-        positional = [
-            s.name for s in sig.inputs.values()
-            if s.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        ]
+        positional = sig.positional
         if len(args) > len(positional):
             raise StepInputError(
                 f"{where}: takes {len(positional)} positional argument(s) but {len(args)} "
@@ -200,9 +202,26 @@ def resolve_step_config(
     pipeline_options: Mapping[str, Any],
     yaml_step: StepConfigFile | None,
     parameters: Mapping[str, Any],
+    memo: dict[int, dict[str, Any]] | None = None,
 ) -> ResolvedStepConfig:
-    """Resolve one invocation's config: YAML step block > step options > pipeline > default."""
-    opts = inv.step._options
+    """Resolve one invocation's config: YAML step block > step options > pipeline > default.
+
+    `memo` shares the parameter-independent part between invocations of one step (a 10,000-way
+    fan-out resolves it once).
+    """
+    if yaml_step is None and memo is not None:
+        static = memo.get(id(inv.step))
+        if static is None:
+            static = memo[id(inv.step)] = _static_config(inv.step, pipeline_options, None)
+    else:
+        static = _static_config(inv.step, pipeline_options, yaml_step)
+    return ResolvedStepConfig(parameters=dict(parameters), **static)
+
+
+def _static_config(
+    step: Step, pipeline_options: Mapping[str, Any], yaml_step: StepConfigFile | None,
+) -> dict[str, Any]:
+    opts = step._options
     y = yaml_step
 
     def pick(key: str, default: Any) -> Any:
@@ -228,20 +247,34 @@ def resolve_step_config(
     if isinstance(retry, Mapping):
         retry = StepRetryConfig.model_validate(retry)
     timeout = (y.timeout if y and y.timeout is not None else opts.get("timeout"))
-    return ResolvedStepConfig(
-        enable_cache=bool(pick("enable_cache", True)),
-        retry=retry,
-        hooks={k: v for k, v in hooks.items() if v is not None},
-        timeout=timeout,
-        output_materializers=dict(materializers),
-        settings=settings,
-        step_operator=(y.step_operator if y and y.step_operator else opts.get("step_operator")),
-        experiment_tracker=(
+    return {
+        "enable_cache": bool(pick("enable_cache", True)),
+        "retry": retry,
+        "hooks": {k: v for k, v in hooks.items() if v is not None},
+        "timeout": timeout,
+        "output_materializers": dict(materializers),
+        "settings": settings,
+        "step_operator": (y.step_operator if y and y.step_operator else opts.get("step_operator")),
+        "experiment_tracker": (
             y.experiment_tracker if y and y.experiment_tracker else opts.get("experiment_tracker")
         ),
-        parameters=dict(parameters),
-        enable_artifact_metadata=bool(pick("enable_artifact_metadata", True)),
-    )
+        "enable_artifact_metadata": bool(pick("enable_artifact_metadata", True)),
+    }
+
+
+class _Where:
+    """Formats "pipeline 'p', step 's'" only when an error message needs it."""
+
+    __slots__ = ("pipeline", "step")
+
+    def __init__(self, pipeline: str, step: str) -> None:
+        self.pipeline = pipeline
+        self.step = step
+
+    def __str__(self) -> str:
+        return f"pipeline '{self.pipeline}', step '{self.step}'"
+
+    __format__ = lambda self, spec: str(self)  # noqa: E731
 
 
 def compile_graph(
@@ -270,9 +303,10 @@ def compile_graph(
     enforce = env_flag("FLOWCORE_ENFORCE_TYPE_ANNOTATIONS")
     index = {sid: i for i, sid in enumerate(invs)}
     nodes: list[Node] = []
+    memo: dict[int, dict[str, Any]] = {}
     for i, inv in enumerate(invs.values()):
-        where = f"pipeline '{pipeline_name}', step '{inv.id}'"
         sig = inv.step.signature
+        where = _Where(pipeline_name, inv.id)
         if enforce and sig.missing_annotations:
             raise PipelineDefinitionError(
                 f"{where}: FLOWCORE_ENFORCE_TYPE_ANNOTATIONS is on and "
@@ -293,9 +327,9 @@ def compile_graph(
                         "and cannot be set in the configuration"
                     )
                 arguments[key] = value
-        for spec in sig.inputs.values():
-            if spec.required and spec.name not in arguments:
-                raise StepInputError(f"{where}: missing required argument '{spec.name}'")
+        for name in sig.required:
+            if name not in arguments:
+                raise StepInputError(f"{where}: missing required argument '{name}'")
         data_parents: set[int] = set()
         constants: dict[str, Any] = {}
         direct: list[tuple[str, OutputRef]] = []
@@ -323,10 +357,11 @@ def compile_graph(
                 raise PipelineDefinitionError(f"{where}: a step cannot run after itself")
             parents.add(index[aid])
         step_params = dict(constants)
-        for spec in sig.inputs.values():
-            if spec.name not in arguments and spec.default is not inspect.Parameter.empty:
-                step_params[spec.name] = spec.default
-        config = resolve_step_config(inv, pipeline_options, ystep, step_params)
+        if sig.defaults:
+            for name, default in sig.defaults.items():
+                if name not in arguments:
+                    step_params[name] = default
+        config = resolve_step_config(inv, pipeline_options, ystep, step_params, memo)
         nodes.append(
             Node(
                 id=inv.id,

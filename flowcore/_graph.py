@@ -36,9 +36,10 @@ class MapSpec:
     product: bool
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class Node:
-    """One invocation of a step in a compiled graph."""
+    """One invocation of a step in a compiled graph (read-only by convention: not frozen,
+    because frozen dataclasses cost ~3x more to build and a graph may have 10,000 nodes)."""
 
     id: str
     index: int

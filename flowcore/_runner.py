@@ -104,13 +104,15 @@ def _validated_settings(cfg: ResolvedStepConfig, kind: str, component: Any, wher
 
     Settings for a component the step does not use are logged, not fatal.
     """
+    if not cfg.settings:
+        return None
+    keys = [k for k in cfg.settings if k == kind or k.startswith(kind + ".")]
+    if not keys:
+        return None
     from pydantic import ValidationError
 
     from flowcore.config import format_validation_error
 
-    keys = [k for k in cfg.settings if k == kind or k.startswith(kind + ".")]
-    if not keys:
-        return None
     if component is None:
         for key in keys:
             flog.log(logging.WARNING, "settings_unused", where=where, key=key,
@@ -260,7 +262,7 @@ def prepare_run(
     for node in graph.nodes:
         cfg: ResolvedStepConfig = node.config
         steps[node.id] = StepRun(
-            id=uuid.uuid4().hex,
+            id=f"{run_id}-{node.index}",
             name=node.id,
             step_name=node.step.name,
             pipeline_run_id=run_id,
@@ -967,12 +969,16 @@ async def execute(prep: PreparedRun, *, raise_on_failure: bool = True) -> Pipeli
 
 async def _finalize(store: MetadataStore, run: PipelineRun, step_runs: list[StepRun]) -> None:
     # Steps that ended without a store write of their own (skipped, stopped) are written here.
+    unwritten = (StepStatus.SKIPPED, StepStatus.STOPPED, StepStatus.FAILED)
     for sr in step_runs:
-        if sr.status in (StepStatus.SKIPPED, StepStatus.STOPPED, StepStatus.FAILED):
+        if sr.status in unwritten:
             await store.update_step_run(run, sr)
-    for sr in run.steps.values():
-        if sr not in step_runs and sr.status.is_finished:
-            await store.update_step_run(run, sr)
+    if len(run.steps) > len(step_runs):
+        # Elements of dynamic fan-outs live only in run.steps.
+        known = {id(sr) for sr in step_runs}
+        for sr in run.steps.values():
+            if id(sr) not in known and sr.status in unwritten:
+                await store.update_step_run(run, sr)
     await store.update_run(run)
 
 

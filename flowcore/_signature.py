@@ -60,9 +60,10 @@ class StepSignature:
     missing_annotations: tuple[str, ...]
     source: str
 
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(o.name for o in self.outputs)
+    positional: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    defaults: dict[str, Any] | None = None
+    output_names: tuple[str, ...] = ()
 
 
 def _strip_annotated(tp: Any) -> tuple[Any, str | None]:
@@ -238,7 +239,15 @@ def inspect_step_function(func: Callable[..., Any], step_name: str) -> StepSigna
     if ret is _EMPTY:
         missing.append("return")
     outputs = _outputs_from(ret, tuple_len, has_value_return)
+    positional = tuple(
+        s.name for s in inputs.values()
+        if s.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    )
     return StepSignature(
+        positional=positional,
+        required=tuple(s.name for s in inputs.values() if s.required),
+        defaults={s.name: s.default for s in inputs.values() if s.default is not _EMPTY},
+        output_names=tuple(o.name for o in outputs),
         inputs=inputs,
         outputs=outputs,
         multiple_outputs=tuple_len is not None and bool(outputs),
