@@ -8,6 +8,7 @@ or from a script (`pipeline()`).
 from __future__ import annotations
 
 from flowcore._graph import Graph
+from flowcore._logging import enable_console_logging
 from flowcore._models import (
     ArtifactVersion,
     ErrorInfo,
@@ -74,6 +75,7 @@ __all__ = [
     "StepStatus",
     "StepTimeoutError",
     "StoreError",
+    "enable_console_logging",
     "get_active_stack",
     "get_step_context",
     "pipeline",

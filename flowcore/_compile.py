@@ -309,9 +309,8 @@ def compile_graph(
         where = _Where(pipeline_name, inv.id)
         if enforce and sig.missing_annotations:
             raise PipelineDefinitionError(
-                f"{where}: FLOWCORE_ENFORCE_TYPE_ANNOTATIONS is on and "
-                f"{', '.join(repr(m) for m in sig.missing_annotations)} "
-                "has no type annotation"
+                f"{where}: FLOWCORE_ENFORCE_TYPE_ANNOTATIONS is on, but these have no type "
+                f"annotation: {', '.join(repr(m) for m in sig.missing_annotations)}"
             )
         ystep = yaml_steps.get(inv.id)
         arguments = dict(inv.arguments)

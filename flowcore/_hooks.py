@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from flowcore._models import StepStatus
+from flowcore._signature import resolve_annotations
 from flowcore.exceptions import PipelineDefinitionError
 
 __all__ = ["HOOK_KINDS", "BoundHook", "bind_hook"]
@@ -68,6 +70,16 @@ def _resolve(hook: Any, where: str) -> Callable[..., Any]:
     return typing.cast(Callable[..., Any], hook)
 
 
+def _is_exception_annotation(ann: Any) -> bool:
+    """`BaseException` or a subclass, also inside `X | None` / `Optional[X]`."""
+    if isinstance(ann, type):
+        return issubclass(ann, BaseException)
+    args = typing.get_args(ann)
+    if args and (typing.get_origin(ann) in (typing.Union, types.UnionType)):
+        return any(isinstance(a, type) and issubclass(a, BaseException) for a in args)
+    return False
+
+
 def bind_hook(hook: Any, kind: str, where: str) -> BoundHook:
     """Inspect a hook once and decide what each of its parameters receives.
 
@@ -84,16 +96,13 @@ def bind_hook(hook: Any, kind: str, where: str) -> BoundHook:
         sig = inspect.signature(func)
     except (TypeError, ValueError) as exc:
         raise PipelineDefinitionError(f"{where}: cannot inspect {kind} hook {func!r}") from exc
-    try:
-        hints = typing.get_type_hints(func)
-    except Exception:
-        hints = dict(getattr(func, "__annotations__", {}))
+    hints = resolve_annotations(func)
     wants: list[tuple[str, str]] = []
     for name, param in sig.parameters.items():
         if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             continue
         ann = hints.get(name)
-        if isinstance(ann, type) and issubclass(ann, BaseException):
+        if _is_exception_annotation(ann):
             wants.append((name, "exception"))
         elif name in _INJECTABLE:
             wants.append((name, name))

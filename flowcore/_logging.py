@@ -15,6 +15,9 @@ import structlog
 __all__ = ["enabled", "log", "stdlib_logger"]
 
 stdlib_logger = logging.getLogger("flowcore")
+# The stdlib's advice for libraries: without a handler of the host's, events go nowhere
+# (never to stderr through logging.lastResort).
+stdlib_logger.addHandler(logging.NullHandler())
 
 
 def _render(

@@ -311,6 +311,7 @@ class _Scheduler:
         self.artifacts: list[dict[str, ArtifactVersion] | None] = [None] * len(graph.nodes)
         self.consumers_left = list(graph.data_consumers)
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.started: set[int] = set()
         self.mode = prep.mode
         self.stopping = False
         self.first_error: BaseException | None = None
@@ -343,6 +344,7 @@ class _Scheduler:
             tasks[i] = tg.create_task(self._step_task(i), name=f"flowcore:{nodes[i].id}")
 
     async def _step_task(self, i: int) -> None:
+        self.started.add(i)
         try:
             ok = await self._execute(i)
         except asyncio.CancelledError:
@@ -367,6 +369,7 @@ class _Scheduler:
 
     def _finish(self, i: int, *, ok: bool, stopped: bool = False) -> None:
         self.tasks.pop(i, None)
+        self.started.discard(i)
         # Release upstream values nobody downstream needs any more.
         left = self.consumers_left
         for p in self.nodes[i].data_parents:
@@ -393,8 +396,13 @@ class _Scheduler:
         self.stopping = True
         self._mark_skipped(self.ready.skip_rest())
         if self.mode is ExecutionMode.FAIL_FAST:
-            for task in list(self.tasks.values()):
+            for j, task in list(self.tasks.items()):
                 task.cancel()
+                if j not in self.started:
+                    # A task cancelled before its first step never runs its body (nor its
+                    # bookkeeping): the step never began, so it is skipped here.
+                    self.tasks.pop(j)
+                    self._mark_skipped([j])
 
     def _mark_skipped(self, indices: list[int]) -> None:
         now = None
@@ -685,13 +693,13 @@ class _Scheduler:
                              attempt=attempt,
                              duration=round(self.clock.monotonic() - started, 6))
                 if hooks:
+                    out = values[sig.output_names[0]] if len(values) == 1 else (
+                        tuple(values.values()) if values else None
+                    )
                     if "on_success" in hooks:
-                        out = values[sig.output_names[0]] if len(values) == 1 else (
-                            tuple(values.values()) if values else None
-                        )
                         await self._call_hook(sr, hooks["on_success"], step_output=out)
                     if "on_end" in hooks:
-                        await self._call_hook(sr, hooks["on_end"])
+                        await self._call_hook(sr, hooks["on_end"], step_output=out)
                 return values, artifacts
         finally:
             reset_step_context(token)
@@ -928,7 +936,7 @@ async def execute(prep: PreparedRun, *, raise_on_failure: bool = True) -> Pipeli
     """
     run = prep.run
     store = await prep.stack.metadata_store()
-    await store.create_run(run)
+    await _create_run(store, run)
     if flog.enabled(_INFO):
         flog.log(_INFO, "run_started", run=run.name, pipeline=run.pipeline_name,
                  steps=len(prep.graph.nodes), pid=os.getpid(), host=socket.gethostname())
@@ -965,6 +973,27 @@ async def execute(prep: PreparedRun, *, raise_on_failure: bool = True) -> Pipeli
         )
         raise err from sched.first_error
     return run
+
+
+async def _create_run(store: MetadataStore, run: PipelineRun) -> None:
+    """Record the run; a cancellation that arrives meanwhile lets the write finish and records
+    the run STOPPED, so the store never keeps a RUNNING run nobody runs."""
+    write = asyncio.get_running_loop().create_task(store.create_run(run),
+                                                   name=f"flowcore:create:{run.name}")
+    try:
+        await asyncio.shield(write)
+    except asyncio.CancelledError:
+        await asyncio.wait({write})
+        now = _utcnow()
+        run.status = RunStatus.STOPPED
+        run.end_time = now
+        for sr in run.steps.values():
+            if sr.status is StepStatus.PENDING:
+                sr.status = StepStatus.SKIPPED
+                sr.end_time = now
+        if not write.cancelled() and write.exception() is None:
+            await _shielded(_finalize(store, run, list(run.steps.values())))
+        raise
 
 
 async def _finalize(store: MetadataStore, run: PipelineRun, step_runs: list[StepRun]) -> None:
@@ -1057,19 +1086,29 @@ class RunHandle:
                 return await asyncio.shield(self._task)
             except asyncio.CancelledError:
                 if self._task.cancelled() and _current_task_not_cancelling():
-                    return self._prep.run
+                    return self._stopped_before_start()
                 raise
         return await asyncio.wrap_future(self._future)
+
+    def _stopped_before_start(self) -> PipelineRun:
+        # A run cancelled before its task first ran never started: nothing ran, nothing stored.
+        run = self._prep.run
+        if run.status is RunStatus.RUNNING:
+            now = _utcnow()
+            run.status = RunStatus.STOPPED
+            run.end_time = now
+            for sr in run.steps.values():
+                if sr.status is StepStatus.PENDING:
+                    sr.status = StepStatus.SKIPPED
+                    sr.end_time = now
+        return run
 
     async def cancel(self) -> PipelineRun:
         """Stop the run now; returns it once every step task has ended (status STOPPED)."""
         if self._task is not None:
             self._task.cancel()
-            try:
-                await asyncio.wait({self._task})
-            finally:
-                pass
-            return self._prep.run
+            await asyncio.wait({self._task})
+            return self._stopped_before_start()
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._cancel_in_loop)
         try:

@@ -208,13 +208,31 @@ def _analyse_returns(source: str) -> tuple[int | None, bool]:
     return None, True
 
 
+def resolve_annotations(func: Callable[..., Any]) -> dict[str, Any]:
+    """The function's annotations, evaluated one by one: an annotation that cannot be resolved
+    (a TYPE_CHECKING-only import under postponed evaluation) becomes Any instead of hiding the
+    others."""
+    try:
+        return typing.get_type_hints(func, include_extras=True)
+    except Exception:
+        pass
+    raw = dict(getattr(func, "__annotations__", {}) or {})
+    namespace = {**vars(typing), **getattr(func, "__globals__", {})}
+    out: dict[str, Any] = {}
+    for name, ann in raw.items():
+        if isinstance(ann, str):
+            try:
+                ann = eval(ann, namespace)  # as typing.get_type_hints does
+            except Exception:
+                ann = Any
+        out[name] = ann
+    return out
+
+
 def inspect_step_function(func: Callable[..., Any], step_name: str) -> StepSignature:
     """Inspect a step function once; the result drives binding, checks and output naming."""
     sig = inspect.signature(func)
-    try:
-        hints = typing.get_type_hints(func, include_extras=True)
-    except Exception:
-        hints = {k: v for k, v in getattr(func, "__annotations__", {}).items()}
+    hints = resolve_annotations(func)
     missing: list[str] = []
     inputs: dict[str, InputSpec] = {}
     has_var_keyword = False

@@ -39,7 +39,7 @@ class StepRetryConfig(BaseModel):
     backoff: float = Field(default=1.0, ge=0)
     max_delay: float | None = Field(default=None, ge=0)
     jitter: float = Field(default=0.0, ge=0)
-    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    retry_on: tuple[type[BaseException], ...] | type[BaseException] = (Exception,)
 
     @field_validator("retry_on", mode="before")
     @classmethod

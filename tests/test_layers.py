@@ -15,7 +15,7 @@ LAYERS: dict[str, int] = {
     "config": 1, "_signature": 1, "_graph": 1, "_retry": 1, "_naming": 1, "_models": 1,
     "_step": 2, "_pipeline": 2, "_compile": 2,
     "stores": 3, "materializers": 3, "_logging": 3, "stack._operators": 3,
-    "stack._alerters": 3, "stack._trackers": 3,
+    "stack._alerters": 3, "stack._trackers": 3, "stack._process_worker": 3,
     "_cache": 4, "_hooks": 4, "context": 4, "stack": 4, "stack._yaml": 4,
     "_runner": 5, "_sync": 5, "_single": 5,
     "__init__": 6, "client": 6, "hooks": 6, "testing": 6, "cli": 6,
@@ -54,10 +54,16 @@ def imports_of(path: Path) -> list[tuple[str, bool]]:
             child_lazy = lazy or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) or (
                 isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test)
             )
-            if isinstance(child, ast.ImportFrom) and child.module and child.module.startswith(
-                "flowcore"
+            if isinstance(child, ast.ImportFrom) and child.module == "flowcore":
+                # `from flowcore import _logging`: each name may be a submodule.
+                for alias in child.names:
+                    sub = alias.name if (PKG / f"{alias.name}.py").exists() or (
+                        PKG / alias.name).is_dir() else ""
+                    found.append((sub, lazy))
+            elif isinstance(child, ast.ImportFrom) and child.module and child.module.startswith(
+                "flowcore."
             ):
-                found.append((child.module.removeprefix("flowcore").lstrip("."), lazy))
+                found.append((child.module.removeprefix("flowcore."), lazy))
             elif isinstance(child, ast.Import):
                 for alias in child.names:
                     if alias.name.startswith("flowcore."):

@@ -1,0 +1,146 @@
+"""Materializing a value into a directory (with the cloudpickle fallback) and hashing it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from flowcore.exceptions import MaterializerError
+from flowcore.materializers._base import Materializer, is_builtin_materializer
+from flowcore.materializers._cloudpickle import CloudpickleMaterializer
+
+__all__ = [
+    "RESERVED_PREFIX",
+    "content_hash_of",
+    "directory_digest",
+    "hash_directory",
+    "save_with_fallback",
+]
+
+# Top-level files whose names start with this belong to the artifact store (signatures,
+# metadata); they are not content, so they are left out of the content hash.
+RESERVED_PREFIX = ".flowcore"
+
+_CHUNK = 1 << 20
+_logger = logging.getLogger("flowcore")
+
+
+def _qualname(tp: Any) -> str:
+    return f"{getattr(tp, '__module__', '?')}.{getattr(tp, '__qualname__', repr(tp))}"
+
+
+def save_with_fallback(
+    value: Any,
+    materializer: type[Materializer],
+    uri: str,
+    *,
+    label: str | None = None,
+) -> type[Materializer]:
+    """Run `materializer().save(value, uri)`; if a built-in one fails, use cloudpickle instead.
+
+    Args:
+        value: what to store.
+        materializer: the materializer chosen for the value.
+        uri: an existing, empty directory.
+        label: names the step and output in the fallback warning and in errors; with no
+            label (e.g. when only hashing) the fallback is silent.
+
+    Returns:
+        The materializer that stored the value.
+
+    Raises:
+        MaterializerError: a user's materializer failed, or even cloudpickle could not store
+            the value (a `threading.Lock`, an open socket).
+    """
+    where = label or "artifact"
+    try:
+        materializer().save(value, uri)
+        return materializer
+    except Exception as exc:
+        if not is_builtin_materializer(materializer) or issubclass(
+            materializer, CloudpickleMaterializer
+        ):
+            raise _save_error(where, value, materializer, exc) from exc
+        first_error = exc
+    # Start the fallback from an empty directory: the failed save may have left files.
+    shutil.rmtree(uri)
+    os.makedirs(uri)
+    try:
+        CloudpickleMaterializer().save(value, uri)
+    except Exception as exc:
+        raise _save_error(where, value, CloudpickleMaterializer, exc) from exc
+    if label is not None:
+        _logger.warning(
+            "materializer_fallback: %s: %s cannot store a value of type %s (%s); pickled it "
+            "with cloudpickle instead, which loads only under this Python major.minor",
+            label, materializer.__qualname__, _qualname(type(value)), first_error,
+        )
+    return CloudpickleMaterializer
+
+
+def _save_error(
+    where: str, value: Any, materializer: type[Materializer], exc: Exception
+) -> MaterializerError:
+    if materializer is CloudpickleMaterializer:
+        return MaterializerError(
+            f"{where}: no materializer can store a value of type {_qualname(type(value))}: "
+            f"cloudpickle failed with {type(exc).__name__}: {exc}; return a picklable value "
+            "or give the output a materializer (output_materializers=...)"
+        )
+    return MaterializerError(
+        f"{where}: materializer {_qualname(materializer)} failed to store a value of type "
+        f"{_qualname(type(value))}: {type(exc).__name__}: {exc}"
+    )
+
+
+def directory_digest(path: str) -> tuple[str, int]:
+    """Return (`hash_directory(path)`, total size in bytes of every file under `path`)."""
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} is not a directory")
+    files: list[tuple[str, str, int]] = []
+    total = 0
+    for dirpath, _dirs, names in os.walk(path):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            size = os.path.getsize(full)
+            total += size
+            if dirpath == path and name.startswith(RESERVED_PREFIX):
+                continue
+            files.append((os.path.relpath(full, path).replace(os.sep, "/"), full, size))
+    files.sort()
+    digest = hashlib.sha256()
+    for rel, full, size in files:
+        encoded = rel.encode("utf-8", "surrogateescape")
+        # Length prefixes keep the stream unambiguous: no name/content boundary can shift.
+        digest.update(len(encoded).to_bytes(8, "big"))
+        digest.update(encoded)
+        digest.update(size.to_bytes(8, "big"))
+        with open(full, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest(), total
+
+
+def hash_directory(path: str) -> str:
+    """The sha256 (hex) of a directory's files: relative paths and contents, in sorted order.
+
+    Top-level files whose names start with ".flowcore" are skipped: the artifact store keeps
+    its signature and metadata there.
+    """
+    return directory_digest(path)[0]
+
+
+def content_hash_of(value: Any, materializer: type[Materializer], data_type: type) -> str:
+    """The content hash `value` would have if stored with `materializer` (built-ins fall back).
+
+    `data_type` is accepted for symmetry with the stores; saving does not need it.
+    """
+    with tempfile.TemporaryDirectory(prefix="flowcore-hash-") as tmp:
+        uri = os.path.join(tmp, "artifact")
+        os.makedirs(uri)
+        save_with_fallback(value, materializer, uri)
+        return hash_directory(uri)

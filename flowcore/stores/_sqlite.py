@@ -1,0 +1,411 @@
+"""The SQLite metadata store: one aiosqlite connection, group-committed writes, crash detection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sqlite3
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import aiosqlite
+import anyio.to_thread
+
+from flowcore._models import ArtifactVersion, PipelineRun, RunStatus, StepRun
+from flowcore.exceptions import StoreError
+from flowcore.stores import _sqlite_ops as ops
+from flowcore.stores._base import ArtifactStore, MetadataStore
+from flowcore.stores._sqlite_schema import migrate
+
+__all__ = ["SqliteMetadataStore"]
+
+T = TypeVar("T")
+_logger = logging.getLogger("flowcore")
+
+# Runs this process is executing. A RUNNING row with our own pid that is not in here was left
+# by an earlier process that had the same pid (pids are reused, e.g. in containers).
+_LIVE_RUN_IDS: set[str] = set()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # kill(0, ...) would address our whole process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def _is_dead(pid: int | None, run_id: str) -> bool:
+    if pid is None:
+        return False
+    if pid == os.getpid():
+        return run_id not in _LIVE_RUN_IDS
+    return not _pid_alive(pid)
+
+
+class _Connection:
+    """The store's aiosqlite connection, running whole functions in its thread.
+
+    aiosqlite runs every call in the connection's own thread. We hand it whole synchronous
+    functions (a group commit, a multi-query read) through `Connection._execute`, so each
+    transaction begins and ends inside one call: a cancelled caller can never leave one open
+    (holding the write lock other processes wait for), and a batch costs one thread hop.
+    `_execute` and `_conn` are private to aiosqlite but have been stable since its first
+    releases; this class is the only place that touches them.
+    """
+
+    def __init__(self, aio: aiosqlite.Connection) -> None:
+        self._aio = aio
+
+    @classmethod
+    async def connect(cls, path: Path, busy_timeout: float) -> _Connection:
+        aio = aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
+        # A daemon thread: a store the application forgot to close must not keep the
+        # interpreter from exiting (every write has been committed before it returned).
+        aio._thread.daemon = True
+        await aio
+        return cls(aio)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        aio = self._aio
+        execute = cast(Callable[[Callable[[], T]], Awaitable[T]], aio._execute)
+        return await execute(lambda: fn(aio._conn))
+
+    async def close(self) -> None:
+        await self._aio.close()
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One write waiting for a group commit."""
+
+    write: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    submitted: bool = False
+
+
+class SqliteMetadataStore(MetadataStore):
+    """Runs, step runs, artifact rows and the cache index in one SQLite file (WAL mode).
+
+    Several processes may share the file. Writes are group-committed: while one transaction
+    is being committed, later writes queue up and go together in the next one; each write
+    is atomic on its own (a failing one is rolled back to its savepoint, the others commit).
+
+    Args:
+        path: the database file (its directory is created if missing).
+        artifact_store: binds loaders to the artifacts read back.
+        busy_timeout: seconds to wait for another process's write lock.
+        heartbeat_timeout: a RUNNING run of another host whose heartbeat is older than this
+            is considered crashed.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        artifact_store: ArtifactStore,
+        *,
+        busy_timeout: float = 30.0,
+        heartbeat_timeout: float = 60.0,
+    ) -> None:
+        self.path = Path(path).absolute()
+        self.artifact_store = artifact_store
+        self._busy_timeout = busy_timeout
+        self._stale_after = timedelta(seconds=heartbeat_timeout)
+        self._host = socket.gethostname()
+        self._db: _Connection | None = None
+        self._open_lock: asyncio.Lock | None = None
+        self._queue: list[_Pending] = []
+        self._session: asyncio.Future[None] | None = None  # set while a committer runs
+
+    def __repr__(self) -> str:
+        return f"<SqliteMetadataStore {self.path} {'open' if self._db else 'closed'}>"
+
+    # -- errors: the one place sqlite3 errors become StoreErrors ----------------------------
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        if not isinstance(exc, sqlite3.Error):
+            return exc
+        text = str(exc)
+        if "not a database" in text or "malformed" in text:
+            msg = (f"{self.path} is not a usable flowcore metadata database ({text}); move it "
+                   "away, or point FLOWCORE_HOME / the stack at another path")
+        elif "unable to open" in text:
+            msg = (f"cannot open the metadata store {self.path}: is the directory "
+                   f"{self.path.parent} writable? ({text})")
+        elif "locked" in text or "busy" in text:
+            msg = (f"metadata store {self.path} stayed locked by another process for more "
+                   f"than {self._busy_timeout:g}s ({text})")
+        else:
+            msg = f"metadata store {self.path}: {type(exc).__name__}: {text}"
+        error = StoreError(msg)
+        error.__cause__ = exc
+        return error
+
+    # -- connection -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self._db is not None:
+                return
+            await anyio.to_thread.run_sync(self._make_directory)
+            try:
+                db = await _Connection.connect(self.path, self._busy_timeout)
+            except sqlite3.Error as exc:
+                raise self._translate(exc) from exc
+            try:
+                await db.run(self._configure)
+                await db.run(partial(migrate, label=str(self.path)))
+            except BaseException as exc:
+                await db.close()
+                if isinstance(exc, sqlite3.Error):
+                    raise self._translate(exc) from exc
+                raise
+            self._db = db
+        await self.mark_crashed_runs()
+
+    def _make_directory(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the directory {self.path.parent} for the metadata store: {exc}"
+            ) from exc
+
+    def _configure(self, db: sqlite3.Connection) -> None:
+        db.row_factory = sqlite3.Row
+        db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        # WAL: readers (another process's client) never block the writer, nor it them.
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("PRAGMA foreign_keys = ON")
+
+    async def close(self) -> None:
+        if self._db is None:
+            return
+        # Writes already queued were promised to their callers: let them commit first.
+        while self._session is not None:
+            await asyncio.wait([self._session])
+        db, self._db = self._db, None
+        if db is not None:
+            await db.close()
+
+    async def _connection(self) -> _Connection:
+        if self._db is None:
+            await self.open()
+        assert self._db is not None
+        return self._db
+
+    # -- group commit -----------------------------------------------------------------------
+
+    async def _write(self, write: Callable[[sqlite3.Connection], T]) -> T:
+        """Queue a write; the first writer to find no commit in flight commits the queue."""
+        await self._connection()
+        pending = _Pending(write, asyncio.get_running_loop().create_future())
+        pending.future.add_done_callback(_mark_retrieved)
+        self._queue.append(pending)
+        try:
+            if self._session is None:
+                await self._commit_queued()
+            # A committer drains the queue before it stops, so our write is (or will be)
+            # in one of its batches, and the connection thread settles our future.
+            return cast(T, await pending.future)
+        except asyncio.CancelledError:
+            if not pending.submitted and pending in self._queue:
+                self._queue.remove(pending)  # it never reached the database
+            raise
+
+    async def _commit_queued(self) -> None:
+        session: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._session = session
+        cancelled: asyncio.CancelledError | None = None
+        try:
+            while self._queue:
+                # A writer cancelled while queued has had its future cancelled: drop its write.
+                batch = [p for p in self._queue if not p.future.cancelled()]
+                self._queue = []
+                if not batch:
+                    continue
+                for pending in batch:
+                    pending.submitted = True
+                db = self._db
+                try:
+                    if db is None:
+                        raise StoreError(f"metadata store {self.path} is closed")
+                    await db.run(partial(_commit_batch, batch=batch, translate=self._translate))
+                except asyncio.CancelledError as exc:
+                    # The thread still commits this batch and settles its futures. Keep
+                    # draining: writers queued behind us wait on us, not on a timer.
+                    cancelled = exc
+                except Exception as exc:  # the batch never ran (e.g. the connection closed)
+                    for pending in batch:
+                        error = StoreError(f"metadata store {self.path}: write failed: {exc}")
+                        error.__cause__ = exc
+                        _settle(pending.future, None, error)
+        finally:
+            self._session = None
+            session.set_result(None)
+        if cancelled is not None:
+            raise cancelled
+
+    async def _read(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        db = await self._connection()
+        try:
+            return await db.run(partial(ops.read_snapshot, read=read))
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
+
+    # -- MetadataStore ----------------------------------------------------------------------
+
+    async def create_run(self, run: PipelineRun) -> None:
+        _LIVE_RUN_IDS.add(run.id)
+        try:
+            await self._write(ops.insert_run(run, pid=os.getpid(), host=self._host, now=_now()))
+        except BaseException:
+            _LIVE_RUN_IDS.discard(run.id)
+            raise
+
+    async def update_run(self, run: PipelineRun) -> None:
+        await self._write(ops.update_run(run, _now()))
+        if run.status.is_finished:
+            _LIVE_RUN_IDS.discard(run.id)
+
+    async def update_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
+        await self._write(ops.upsert_step_run(run, step_run, _now()))
+
+    async def heartbeat(self, run: PipelineRun) -> None:
+        """Record that `run`'s process is alive (the runner calls this periodically)."""
+        await self._write(ops.heartbeat(run.id, _now()))
+
+    async def get_run(self, name_or_id: str) -> PipelineRun:
+        return self._bind_run(await self._read(partial(ops.read_run, name_or_id=name_or_id)))
+
+    async def list_runs(
+        self,
+        pipeline_name: str | None = None,
+        status: RunStatus | str | None = None,
+        limit: int = 50,
+    ) -> list[PipelineRun]:
+        wanted = RunStatus(status) if status is not None else None
+        runs = await self._read(
+            partial(ops.list_runs, pipeline_name=pipeline_name, status=wanted, limit=limit)
+        )
+        return [self._bind_run(run) for run in runs]
+
+    async def get_artifact(self, artifact_id: str) -> ArtifactVersion:
+        artifact = await self._read(partial(ops.read_artifact, artifact_id=artifact_id))
+        return self.artifact_store.bind(artifact)
+
+    async def find_cached(self, cache_key: str) -> StepRun | None:
+        step_run = await self._read(partial(ops.find_cached, cache_key=cache_key))
+        if step_run is not None:
+            self._bind_step(step_run)
+        return step_run
+
+    async def delete_run(self, name_or_id: str) -> None:
+        await self._write(partial(ops.delete_run, name_or_id=name_or_id))
+
+    async def clear_cache(self, pipeline_name: str | None = None) -> int:
+        return await self._write(partial(ops.clear_cache, pipeline_name=pipeline_name))
+
+    async def mark_crashed_runs(self) -> list[str]:
+        """Mark RUNNING runs whose process died as CRASHED; return their names.
+
+        A run of this host is dead when its process is gone; a run of another host when its
+        heartbeat is older than `heartbeat_timeout`. Called by `open()`.
+        """
+        names = await self._write(partial(
+            ops.mark_crashed, host=self._host, now=_now(), stale_after=self._stale_after,
+            is_dead=_is_dead,
+        ))
+        for name in names:
+            _logger.warning("run_crashed: run '%s' was RUNNING but its process is gone; "
+                            "marked CRASHED", name)
+        return names
+
+    def _bind_step(self, step_run: StepRun) -> None:
+        for name, artifact in step_run.outputs.items():
+            step_run.outputs[name] = self.artifact_store.bind(artifact)
+
+    def _bind_run(self, run: PipelineRun) -> PipelineRun:
+        for step_run in run.steps.values():
+            self._bind_step(step_run)
+        return run
+
+
+# -- the committer's work, in the connection thread -----------------------------------------
+
+
+def _commit_batch(
+    db: sqlite3.Connection,
+    batch: list[_Pending],
+    translate: Callable[[BaseException], BaseException],
+) -> None:
+    """Apply every queued write in one transaction, each under its own savepoint."""
+    outcomes: list[tuple[Any, BaseException | None]] = []
+    try:
+        # IMMEDIATE takes the write lock up front, so the busy timeout applies; a deferred
+        # transaction that upgrades later can fail at once with "database is locked".
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for pending in batch:
+                db.execute("SAVEPOINT flowcore_write")
+                try:
+                    result = pending.write(db)
+                except Exception as exc:
+                    db.execute("ROLLBACK TO flowcore_write")
+                    outcomes.append((None, exc))
+                else:
+                    outcomes.append((result, None))
+                db.execute("RELEASE flowcore_write")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        outcomes = [(None, exc)] * len(batch)
+    for pending, (result, error) in zip(batch, outcomes, strict=True):
+        # translate() makes a fresh StoreError per caller: each is raised in its own task.
+        _settle_threadsafe(pending.future, result, None if error is None else translate(error))
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # its caller was cancelled
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+def _settle_threadsafe(future: asyncio.Future[Any], result: Any,
+                       error: BaseException | None) -> None:
+    try:
+        future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
+
+
+def _mark_retrieved(future: asyncio.Future[Any]) -> None:
+    # A cancelled caller never reads its write's error; read it so asyncio does not log
+    # "exception was never retrieved".
+    if not future.cancelled():
+        future.exception()

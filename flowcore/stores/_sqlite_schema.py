@@ -1,0 +1,211 @@
+"""The SQLite metadata schema, its forward migrations and the value encodings it stores.
+
+Everything here is synchronous and runs in the metadata store's connection thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from flowcore._models import ErrorInfo, HookError, StepRunConfig
+from flowcore.exceptions import StoreError
+
+__all__ = [
+    "LATEST_VERSION",
+    "decode_config",
+    "decode_hook_errors",
+    "encode_config",
+    "encode_hook_errors",
+    "encode_mapping",
+    "from_iso",
+    "migrate",
+    "to_iso",
+]
+
+# version -> the statements that bring a database from version-1 to version. Never edit a
+# released version: add the next one (e.g. 2: ("ALTER TABLE runs ADD COLUMN ...",)).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE pipelines (
+            name TEXT PRIMARY KEY,
+            created TEXT NOT NULL
+        )""",
+        """CREATE TABLE runs (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            pipeline_name TEXT NOT NULL,
+            status TEXT NOT NULL,
+            start_time TEXT NOT NULL,
+            end_time TEXT,
+            parameters TEXT NOT NULL DEFAULT '{}',
+            unlisted INTEGER NOT NULL DEFAULT 0,
+            pid INTEGER,
+            host TEXT,
+            heartbeat TEXT
+        )""",
+        # The unique index is what decides between two processes creating the same name.
+        "CREATE UNIQUE INDEX runs_name ON runs(name)",
+        "CREATE INDEX runs_newest ON runs(start_time)",
+        "CREATE INDEX runs_pipeline ON runs(pipeline_name, start_time)",
+        "CREATE INDEX runs_running ON runs(status) WHERE status = 'running'",
+        """CREATE TABLE step_runs (
+            id TEXT PRIMARY KEY,
+            run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            step_name TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            cache_key TEXT,
+            cache_miss_reason TEXT,
+            start_time TEXT,
+            end_time TEXT,
+            error_type TEXT,
+            error_message TEXT,
+            error_traceback TEXT,
+            hook_errors TEXT NOT NULL DEFAULT '[]',
+            config TEXT NOT NULL DEFAULT '{}'
+        )""",
+        "CREATE UNIQUE INDEX step_runs_name ON step_runs(run_id, name)",
+        "CREATE INDEX step_runs_order ON step_runs(run_id, position)",
+        """CREATE TABLE artifacts (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            uri TEXT NOT NULL,
+            materializer TEXT NOT NULL,
+            data_type TEXT NOT NULL,
+            content_hash TEXT,
+            size INTEGER,
+            producer_step_run_id TEXT,
+            python_version TEXT,
+            created TEXT NOT NULL
+        )""",
+        """CREATE TABLE step_outputs (
+            step_run_id TEXT NOT NULL REFERENCES step_runs(id) ON DELETE CASCADE,
+            output_name TEXT NOT NULL,
+            artifact_id TEXT NOT NULL REFERENCES artifacts(id),
+            PRIMARY KEY (step_run_id, output_name)
+        )""",
+        """CREATE TABLE cache_entries (
+            cache_key TEXT PRIMARY KEY,
+            step_run_id TEXT NOT NULL REFERENCES step_runs(id) ON DELETE CASCADE,
+            pipeline_name TEXT NOT NULL,
+            created TEXT NOT NULL
+        )""",
+        "CREATE INDEX cache_entries_step ON cache_entries(step_run_id)",
+        "CREATE INDEX cache_entries_pipeline ON cache_entries(pipeline_name)",
+    ),
+}
+LATEST_VERSION = max(_MIGRATIONS)
+
+
+def migrate(db: sqlite3.Connection, label: str) -> int:
+    """Bring the schema up to `LATEST_VERSION` in one write transaction; return the version.
+
+    Several processes may open a new database at once: BEGIN IMMEDIATE makes them take turns,
+    and each one re-reads the version inside its transaction.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        current = db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+        if current > LATEST_VERSION:
+            raise StoreError(
+                f"metadata store {label} has schema version {current}, newer than this "
+                f"flowcore understands ({LATEST_VERSION}); upgrade flowcore"
+            )
+        for version in range(current + 1, LATEST_VERSION + 1):
+            for statement in _MIGRATIONS[version]:
+                db.execute(statement)
+            db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return LATEST_VERSION
+
+
+def to_iso(value: datetime | None) -> str | None:
+    """A UTC ISO-8601 text with microseconds (so text order is time order); naive means UTC."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def from_iso(value: str | None) -> datetime | None:
+    """The timezone-aware datetime stored by `to_iso`."""
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _json_default(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)  # pydantic models: their JSON form
+    if callable(dump):
+        return dump(mode="json")
+    return repr(value)
+
+
+def _safe(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """The mapping with every value JSON cannot hold (non-string keys, cycles) as its repr."""
+    safe: dict[str, Any] = {}
+    for key, value in mapping.items():
+        try:
+            json.dumps(value, default=_json_default)
+        except (TypeError, ValueError, RecursionError):
+            value = repr(value)
+        safe[str(key)] = value
+    return safe
+
+
+def encode_mapping(mapping: Mapping[str, Any]) -> str:
+    """JSON of a mapping; values JSON cannot hold are stored as their repr."""
+    return json.dumps(_safe(mapping), default=_json_default)
+
+
+def encode_config(config: StepRunConfig) -> str:
+    """JSON of a step run's configuration."""
+    return json.dumps(
+        {
+            "parameters": _safe(config.parameters),
+            "enable_cache": config.enable_cache,
+            "step_operator": config.step_operator,
+            "experiment_tracker": config.experiment_tracker,
+            "settings": _safe(config.settings),
+        },
+        default=_json_default,
+    )
+
+
+def decode_config(text: str) -> StepRunConfig:
+    """The StepRunConfig stored by `encode_config`."""
+    doc = json.loads(text)
+    return StepRunConfig(
+        parameters=doc.get("parameters", {}),
+        enable_cache=doc.get("enable_cache", True),
+        step_operator=doc.get("step_operator"),
+        experiment_tracker=doc.get("experiment_tracker"),
+        settings=doc.get("settings", {}),
+    )
+
+
+def encode_hook_errors(errors: list[HookError]) -> str:
+    """JSON of a step run's hook errors."""
+    return json.dumps([
+        {"hook": e.hook, "kind": e.kind, "type": e.error.type, "message": e.error.message,
+         "traceback": e.error.traceback}
+        for e in errors
+    ])
+
+
+def decode_hook_errors(text: str) -> list[HookError]:
+    """The hook errors stored by `encode_hook_errors`."""
+    return [
+        HookError(hook=d["hook"], kind=d["kind"],
+                  error=ErrorInfo(type=d["type"], message=d["message"], traceback=d["traceback"]))
+        for d in json.loads(text)
+    ]
