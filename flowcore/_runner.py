@@ -344,6 +344,14 @@ class _Scheduler:
             tasks[i] = tg.create_task(self._step_task(i), name=f"flowcore:{nodes[i].id}")
 
     async def _step_task(self, i: int) -> None:
+        if self.stopping:
+            # Launched together with a step that failed before this task got its first turn:
+            # no new step starts once the run is stopping (STOP_ON_FAILURE and FAIL_FAST alike).
+            self._mark_skipped([i])
+            self.tasks.pop(i, None)
+            if not self.tasks and not self.all_done.done():
+                self.all_done.set_result(None)
+            return
         self.started.add(i)
         try:
             ok = await self._execute(i)
