@@ -36,10 +36,10 @@ class ResolvedStepConfig:
     hooks: Mapping[str, Any]
     timeout: float | None
     output_materializers: Mapping[str, Any]
-    settings: Mapping[str, Any]
+    settings: dict[str, Any]
     step_operator: str | None
     experiment_tracker: str | None
-    parameters: Mapping[str, Any]
+    parameters: dict[str, Any]
     enable_artifact_metadata: bool = True
 
 

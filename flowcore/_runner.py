@@ -171,10 +171,19 @@ def _bind_plans(graph: Graph, stack: Stack) -> list[_NodePlan]:
 
     bound: dict[tuple[int, str], BoundHook] = {}
     plans = []
+    # Invocations of one step share their resolved hooks/settings/materializers objects (see
+    # _compile.resolve_step_config), so they can share one plan: a 10,000-way fan-out binds once.
+    shared: dict[tuple[int, ...], _NodePlan] = {}
     for node in graph.nodes:
         cfg: ResolvedStepConfig = node.config
+        share_key = (id(node.step), id(cfg.hooks), id(cfg.settings),
+                     id(cfg.output_materializers), node.map_spec is None)
+        plan = shared.get(share_key)
+        if plan is not None:
+            plans.append(plan)
+            continue
         where = f"pipeline '{graph.pipeline_name}', step '{node.id}'"
-        plan = _NodePlan()
+        plan = shared[share_key] = _NodePlan()
         for kind in HOOK_KINDS:
             hook = cfg.hooks.get(kind)
             if hook is None:
@@ -266,12 +275,10 @@ def prepare_run(
             name=node.id,
             step_name=node.step.name,
             pipeline_run_id=run_id,
+            # Shared with the resolved config (both are read-only once compiled).
             config=StepRunConfig(
-                parameters=dict(cfg.parameters),
-                enable_cache=cfg.enable_cache,
-                step_operator=cfg.step_operator,
-                experiment_tracker=cfg.experiment_tracker,
-                settings=dict(cfg.settings),
+                cfg.parameters, cfg.enable_cache, cfg.step_operator, cfg.experiment_tracker,
+                cfg.settings,
             ),
         )
     return PreparedRun(
@@ -494,7 +501,10 @@ class _Scheduler:
         if cfg.enable_cache:
             if await self._cache_lookup(i, node, sr) is not None:
                 return True
-        kwargs = await self._inputs(node)
+        if node.direct_refs or node.nested_refs:
+            kwargs = await self._inputs(node)
+        else:
+            kwargs = dict(node.constants)
         if self.sem is not None:
             async with self.sem:
                 outcome = await self.attempt_loop(node, sr, self.plans[i], kwargs)
@@ -673,7 +683,9 @@ class _Scheduler:
                         self._check_inputs(node, kwargs)
                     result = await self._call_body(node, plan, kwargs, attempt)
                     values = self._split_outputs(node, result)
-                    artifacts = await self._store_outputs(node, sr, plan, values)
+                    artifacts = (
+                        await self._store_outputs(node, sr, plan, values) if values else {}
+                    )
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
