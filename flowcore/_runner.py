@@ -310,6 +310,7 @@ class _Scheduler:
         self.nodes = graph.nodes
         self.plans = prep.plans
         self.store = store
+        self.record = store.record_step_run
         self.artifact_store = prep.stack.artifact_store
         self.run = prep.run
         self.step_runs: list[StepRun] = [prep.run.steps[n.id] for n in graph.nodes]
@@ -336,10 +337,15 @@ class _Scheduler:
     async def drive(self) -> None:
         async with asyncio.TaskGroup() as tg:
             self.tg = tg
-            first = self.ready.get_ready()
-            if first:
-                self._launch(first)
-                await self.all_done
+            writer = tg.create_task(self.store.serve_writes(),
+                                    name=f"flowcore:writer:{self.run.name}")
+            try:
+                first = self.ready.get_ready()
+                if first:
+                    self._launch(first)
+                    await self.all_done
+            finally:
+                writer.cancel()
         self._skip_pending()
 
     def _launch(self, indices: list[int]) -> None:
@@ -488,8 +494,10 @@ class _Scheduler:
             out[key] = h(template)
         return out
 
-    async def _persist(self, sr: StepRun) -> None:
-        await self.store.update_step_run(self.run, sr)
+    def _persist(self, sr: StepRun) -> None:
+        # Queued, not awaited: the store's writer task (see drive) commits it within a batch,
+        # so status changes are stored as they happen without a step waiting on the disk.
+        self.record(self.run, sr)
 
     async def _execute(self, i: int) -> bool:
         node = self.nodes[i]
@@ -555,7 +563,7 @@ class _Scheduler:
         if element is None:
             self.artifacts[i] = sr.outputs
             self.values[i] = {name: _Lazy(a) for name, a in sr.outputs.items()}
-        await self._persist(sr)
+        self._persist(sr)
         if self.log_on:
             flog.log(_INFO, "cache_hit", run=self.run.name, step=sr.name,
                      cached_from=hit.pipeline_run_id)
@@ -574,7 +582,7 @@ class _Scheduler:
             return False
         sr.status = StepStatus.RUNNING
         sr.attempts = 1
-        await self._persist(sr)
+        self._persist(sr)
         results: list[Any] = [None] * len(elements)
         failed: list[BaseException] = []
         element_runs: list[StepRun] = []
@@ -631,12 +639,12 @@ class _Scheduler:
             if not esr.status.is_finished:
                 esr.status = StepStatus.STOPPED
                 esr.end_time = _utcnow()
-                await self._persist(esr)
+                self._persist(esr)
         if failed or any(e.status is StepStatus.STOPPED for e in element_runs):
             sr.status = StepStatus.FAILED
             sr.error = error_info(failed[0]) if failed else None
             sr.end_time = _utcnow()
-            await self._persist(sr)
+            self._persist(sr)
             return False
         try:
             artifacts = await self._store_outputs(node, sr, self.plans[i], {"output": results})
@@ -646,7 +654,7 @@ class _Scheduler:
         sr.outputs = artifacts
         sr.status = StepStatus.COMPLETED
         sr.end_time = _utcnow()
-        await self._persist(sr)
+        self._persist(sr)
         self.values[i] = {"output": results}
         self.artifacts[i] = artifacts
         return True
@@ -672,7 +680,7 @@ class _Scheduler:
                 sr.attempts = attempt
                 ctx.attempt = attempt
                 sr.status = StepStatus.RUNNING
-                await self._persist(sr)
+                self._persist(sr)
                 if self.log_on:
                     flog.log(_INFO, "step_started", run=run_name, step=sr.name, attempt=attempt)
                 if "on_start" in hooks:
@@ -694,7 +702,10 @@ class _Scheduler:
                         delay = retry_delay(policy, attempt)
                         sr.status = StepStatus.RETRYING
                         sr.error = error_info(exc)
-                        await self._persist(sr)
+                        self._persist(sr)
+                        # Retries are rare and waits long: make RETRYING durable before the
+                        # wait starts (another process's client sees it at once).
+                        await self.store.flush()
                         if self.log_on:
                             flog.log(_INFO, "step_retrying", run=run_name, step=sr.name,
                                      attempt=attempt, delay=delay, error=repr(exc))
@@ -707,7 +718,7 @@ class _Scheduler:
                 sr.status = StepStatus.COMPLETED
                 sr.error = None
                 sr.end_time = _utcnow()
-                await self._persist(sr)
+                self._persist(sr)
                 if self.log_on:
                     flog.log(_INFO, "step_completed", run=run_name, step=sr.name,
                              attempt=attempt,
@@ -730,7 +741,7 @@ class _Scheduler:
         sr.end_time = _utcnow()
         if self.first_error is None:
             self.first_error = exc
-        await self._persist(sr)
+        self._persist(sr)
         flog.log(logging.ERROR, "step_failed",
                  run=self.run.name, step=sr.name, attempt=sr.attempts, error=repr(exc))
         hooks = plan.hooks
@@ -758,7 +769,7 @@ class _Scheduler:
                        "flowcore": {"run": self.run.name, "step": sr.name, "hook": hook.label,
                                     "kind": hook.kind, "error": repr(exc)}},
             )
-            await self._persist(sr)
+            self._persist(sr)
 
     def _check_inputs(self, node: Node, kwargs: dict[str, Any]) -> None:
         inputs = node.step.signature.inputs
@@ -1017,17 +1028,19 @@ async def _create_run(store: MetadataStore, run: PipelineRun) -> None:
 
 
 async def _finalize(store: MetadataStore, run: PipelineRun, step_runs: list[StepRun]) -> None:
-    # Steps that ended without a store write of their own (skipped, stopped) are written here.
+    # Steps that ended without a write of their own (skipped, stopped) are queued here; then
+    # every queued write is committed before the run's own row says it ended.
     unwritten = (StepStatus.SKIPPED, StepStatus.STOPPED, StepStatus.FAILED)
     for sr in step_runs:
         if sr.status in unwritten:
-            await store.update_step_run(run, sr)
+            store.record_step_run(run, sr)
     if len(run.steps) > len(step_runs):
         # Elements of dynamic fan-outs live only in run.steps.
         known = {id(sr) for sr in step_runs}
         for sr in run.steps.values():
             if id(sr) not in known and sr.status in unwritten:
-                await store.update_step_run(run, sr)
+                store.record_step_run(run, sr)
+    await store.flush()
     await store.update_run(run)
 
 

@@ -70,6 +70,22 @@ class MetadataStore(abc.ABC):
     async def find_cached(self, cache_key: str) -> StepRun | None:
         """Return the newest COMPLETED step run stored under `cache_key`, or None."""
 
+    def record_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
+        """Queue the same write as `update_step_run` without waiting for it.
+
+        The write is committed promptly by `serve_writes()` (which the runner runs for the
+        length of a run) and at the latest by `flush()`.
+        """
+        raise NotImplementedError
+
+    async def serve_writes(self) -> None:
+        """Commit queued writes as they arrive, until cancelled (the default has none)."""
+        return None
+
+    async def flush(self) -> None:
+        """Commit every queued write; raises StoreError if a queued write failed."""
+        return None
+
     async def delete_run(self, name_or_id: str) -> None:
         """Delete a run and its step runs (artifacts stay until garbage-collected)."""
         raise NotImplementedError

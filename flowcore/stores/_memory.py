@@ -42,6 +42,9 @@ class InMemoryMetadataStore(MetadataStore):
         return None
 
     async def update_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
+        self.record_step_run(run, step_run)
+
+    def record_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
         if step_run.status is StepStatus.COMPLETED:
             for art in step_run.outputs.values():
                 self._artifacts[art.id] = art

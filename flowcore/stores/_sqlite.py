@@ -33,6 +33,9 @@ _logger = logging.getLogger("flowcore")
 _LIVE_RUN_IDS: set[str] = set()
 
 
+_BEAT_EVERY = 5.0  # seconds
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -94,7 +97,7 @@ class _Pending:
     """One write waiting for a group commit."""
 
     write: Callable[[sqlite3.Connection], Any]
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Any] | None  # None: queued by record_step_run, nobody awaits it
     submitted: bool = False
 
 
@@ -130,6 +133,9 @@ class SqliteMetadataStore(MetadataStore):
         self._open_lock: asyncio.Lock | None = None
         self._queue: list[_Pending] = []
         self._session: asyncio.Future[None] | None = None  # set while a committer runs
+        self._beats: dict[str, datetime] = {}  # run id -> last heartbeat written
+        self._wake: asyncio.Event | None = None  # set when record_step_run queued a write
+        self._lost: list[BaseException] = []  # failed writes nobody awaited
 
     def __repr__(self) -> str:
         return f"<SqliteMetadataStore {self.path} {'open' if self._db else 'closed'}>"
@@ -218,15 +224,16 @@ class SqliteMetadataStore(MetadataStore):
     async def _write(self, write: Callable[[sqlite3.Connection], T]) -> T:
         """Queue a write; the first writer to find no commit in flight commits the queue."""
         await self._connection()
-        pending = _Pending(write, asyncio.get_running_loop().create_future())
-        pending.future.add_done_callback(_mark_retrieved)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_mark_retrieved)
+        pending = _Pending(write, future)
         self._queue.append(pending)
         try:
             if self._session is None:
                 await self._commit_queued()
             # A committer drains the queue before it stops, so our write is (or will be)
             # in one of its batches, and the connection thread settles our future.
-            return cast(T, await pending.future)
+            return cast(T, await future)
         except asyncio.CancelledError:
             if not pending.submitted and pending in self._queue:
                 self._queue.remove(pending)  # it never reached the database
@@ -239,7 +246,7 @@ class SqliteMetadataStore(MetadataStore):
         try:
             while self._queue:
                 # A writer cancelled while queued has had its future cancelled: drop its write.
-                batch = [p for p in self._queue if not p.future.cancelled()]
+                batch = [p for p in self._queue if p.future is None or not p.future.cancelled()]
                 self._queue = []
                 if not batch:
                     continue
@@ -249,7 +256,8 @@ class SqliteMetadataStore(MetadataStore):
                 try:
                     if db is None:
                         raise StoreError(f"metadata store {self.path} is closed")
-                    await db.run(partial(_commit_batch, batch=batch, translate=self._translate))
+                    await db.run(partial(_commit_batch, batch=batch, translate=self._translate,
+                                         lost=self._lost_write))
                 except asyncio.CancelledError as exc:
                     # The thread still commits this batch and settles its futures. Keep
                     # draining: writers queued behind us wait on us, not on a timer.
@@ -258,7 +266,10 @@ class SqliteMetadataStore(MetadataStore):
                     for pending in batch:
                         error = StoreError(f"metadata store {self.path}: write failed: {exc}")
                         error.__cause__ = exc
-                        _settle(pending.future, None, error)
+                        if pending.future is None:
+                            self._lost_write(error)
+                        else:
+                            _settle(pending.future, None, error)
         finally:
             self._session = None
             session.set_result(None)
@@ -286,9 +297,51 @@ class SqliteMetadataStore(MetadataStore):
         await self._write(ops.update_run(run, _now()))
         if run.status.is_finished:
             _LIVE_RUN_IDS.discard(run.id)
+            self._beats.pop(run.id, None)
 
     async def update_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
-        await self._write(ops.upsert_step_run(run, step_run, _now()))
+        await self._write(self._step_write(run, step_run))
+
+    def _step_write(self, run: PipelineRun, step_run: StepRun) -> Callable[[sqlite3.Connection], None]:
+        now = _now()
+        # A step write refreshes the run's heartbeat at most every few seconds: enough for
+        # crash detection, without an extra statement per write.
+        last = self._beats.get(run.id)
+        beat = last is None or (now - last).total_seconds() >= _BEAT_EVERY
+        if beat:
+            self._beats[run.id] = now
+        return ops.upsert_step_run(run, step_run, now, beat=beat)
+
+    def record_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
+        self._queue.append(_Pending(self._step_write(run, step_run), None))
+        if self._wake is not None:
+            self._wake.set()
+
+    async def serve_writes(self) -> None:
+        await self._connection()
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        wake = self._wake
+        while True:
+            await wake.wait()
+            wake.clear()
+            if self._session is None and self._queue:
+                await self._commit_queued()
+
+    async def flush(self) -> None:
+        if self._queue and self._session is None:
+            await self._commit_queued()
+        while self._session is not None:
+            await asyncio.wait([self._session])
+            if self._queue and self._session is None:
+                await self._commit_queued()
+        if self._lost:
+            errors, self._lost = self._lost, []
+            raise errors[0]
+
+    def _lost_write(self, error: BaseException) -> None:
+        # A queued write nobody awaited failed: remember it for the next flush().
+        self._lost.append(error)
 
     async def heartbeat(self, run: PipelineRun) -> None:
         """Record that `run`'s process is alive (the runner calls this periodically)."""
@@ -357,34 +410,90 @@ def _commit_batch(
     db: sqlite3.Connection,
     batch: list[_Pending],
     translate: Callable[[BaseException], BaseException],
+    lost: Callable[[BaseException], None],
 ) -> None:
-    """Apply every queued write in one transaction, each under its own savepoint."""
-    outcomes: list[tuple[Any, BaseException | None]] = []
+    """Apply every queued write in one transaction.
+
+    The fast path runs the batch without savepoints; if any write fails, the transaction is
+    rolled back and the batch is replayed with one savepoint per write, so a failing write is
+    rolled back alone and the others commit.
+    """
+    outcomes: list[tuple[Any, BaseException | None]]
     try:
-        # IMMEDIATE takes the write lock up front, so the busy timeout applies; a deferred
-        # transaction that upgrades later can fail at once with "database is locked".
-        db.execute("BEGIN IMMEDIATE")
         try:
-            for pending in batch:
-                db.execute("SAVEPOINT flowcore_write")
-                try:
-                    result = pending.write(db)
-                except Exception as exc:
-                    db.execute("ROLLBACK TO flowcore_write")
-                    outcomes.append((None, exc))
-                else:
-                    outcomes.append((result, None))
-                db.execute("RELEASE flowcore_write")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+            outcomes = _apply(db, batch, isolated=False)
+        except _WriteFailed:
+            outcomes = _apply(db, batch, isolated=True)
     except sqlite3.Error as exc:
         outcomes = [(None, exc)] * len(batch)
-    for pending, (result, error) in zip(batch, outcomes, strict=True):
-        # translate() makes a fresh StoreError per caller: each is raised in its own task.
-        _settle_threadsafe(pending.future, result, None if error is None else translate(error))
+    settled = [(pending.future, result, None if error is None else translate(error))
+               for pending, (result, error) in zip(batch, outcomes, strict=True)]
+    # One wake-up of the event loop per batch, not one per write.
+    _settle_all_threadsafe(settled, lost)
+
+
+class _WriteFailed(Exception):
+    """A write of a batch failed on the fast path (replayed with savepoints)."""
+
+
+def _apply(
+    db: sqlite3.Connection, batch: list[_Pending], *, isolated: bool,
+) -> list[tuple[Any, BaseException | None]]:
+    outcomes: list[tuple[Any, BaseException | None]] = []
+    # IMMEDIATE takes the write lock up front, so the busy timeout applies; a deferred
+    # transaction that upgrades later can fail at once with "database is locked".
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for pending in batch:
+            if not isolated:
+                try:
+                    outcomes.append((pending.write(db), None))
+                except sqlite3.OperationalError:
+                    raise
+                except Exception as exc:
+                    raise _WriteFailed from exc
+                continue
+            db.execute("SAVEPOINT flowcore_write")
+            try:
+                result = pending.write(db)
+            except sqlite3.OperationalError:
+                raise
+            except Exception as exc:
+                db.execute("ROLLBACK TO flowcore_write")
+                outcomes.append((None, exc))
+            else:
+                outcomes.append((result, None))
+            db.execute("RELEASE flowcore_write")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return outcomes
+
+
+_Settled = list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]
+
+
+def _settle_all(settled: _Settled, lost: Callable[[BaseException], None]) -> None:
+    for future, result, error in settled:
+        if future is not None:
+            _settle(future, result, error)
+        elif error is not None:
+            lost(error)
+
+
+def _settle_all_threadsafe(settled: _Settled, lost: Callable[[BaseException], None]) -> None:
+    loop = next((f.get_loop() for f, _, _ in settled if f is not None), None)
+    if loop is None:
+        errors = [e for _, _, e in settled if e is not None]
+        for error in errors:
+            lost(error)  # thread-safe: it only appends to a list
+        return
+    try:
+        loop.call_soon_threadsafe(_settle_all, settled, lost)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -394,14 +503,6 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_result(result)
     else:
         future.set_exception(error)
-
-
-def _settle_threadsafe(future: asyncio.Future[Any], result: Any,
-                       error: BaseException | None) -> None:
-    try:
-        future.get_loop().call_soon_threadsafe(_settle, future, result, error)
-    except RuntimeError:  # the loop is closed: nobody is waiting any more
-        pass
 
 
 def _mark_retrieved(future: asyncio.Future[Any]) -> None:

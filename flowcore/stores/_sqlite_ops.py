@@ -46,14 +46,17 @@ _RUN_COLUMNS = "id, name, pipeline_name, status, start_time, end_time, parameter
 Write = Callable[[sqlite3.Connection], T]
 
 
-def _step_values(sr: StepRun) -> tuple[Any, ...]:
+def _step_values(sr: StepRun, *, with_config: bool = True) -> tuple[Any, ...]:
     err = sr.error
-    return (
+    values: tuple[Any, ...] = (
         sr.status.value, sr.attempts, sr.cache_key, sr.cache_miss_reason,
         to_iso(sr.start_time), to_iso(sr.end_time),
         err.type if err else None, err.message if err else None, err.traceback if err else None,
-        encode_hook_errors(sr.hook_errors), encode_config(sr.config),
+        encode_hook_errors(sr.hook_errors),
     )
+    if with_config:
+        values += (encode_config(sr.config),)
+    return values
 
 
 def insert_run(run: PipelineRun, *, pid: int, host: str, now: datetime) -> Write[None]:
@@ -106,10 +109,11 @@ def heartbeat(run_id: str, now: datetime) -> Write[None]:
     return write
 
 
+# The config is written once, with the row; status writes leave it alone.
 _UPDATE_STEP = (
     "UPDATE step_runs SET status = ?, attempts = ?, cache_key = ?, cache_miss_reason = ?, "
     "start_time = ?, end_time = ?, error_type = ?, error_message = ?, error_traceback = ?, "
-    "hook_errors = ?, config = ? WHERE id = ?"
+    "hook_errors = ? WHERE id = ?"
 )
 _INSERT_STEP = (
     f"INSERT INTO step_runs ({_STEP_COLUMNS}, position) "
@@ -118,22 +122,27 @@ _INSERT_STEP = (
 )
 
 
-def upsert_step_run(run: PipelineRun, sr: StepRun, now: datetime) -> Write[None]:
+def upsert_step_run(
+    run: PipelineRun, sr: StepRun, now: datetime, *, beat: bool = True,
+) -> Write[None]:
     """Insert or update a step run with its outputs and, once completed, its cache entry."""
-    values = _step_values(sr)
+    values = _step_values(sr, with_config=False)
     update_row = (*values, sr.id)
-    insert_row = (sr.id, run.id, sr.name, sr.step_name, *values, run.id)
+    config = sr.config
+
+    def insert_row() -> tuple[Any, ...]:
+        return (sr.id, run.id, sr.name, sr.step_name, *values, encode_config(config), run.id)
     artifacts = list(sr.outputs.values())
     output_rows = [(sr.id, name, a.id) for name, a in sr.outputs.items()]
     cache_row = None
     if sr.status is StepStatus.COMPLETED and sr.cache_key is not None:
         cache_row = (sr.cache_key, sr.id, run.pipeline_name, to_iso(now))
-    beat = heartbeat(run.id, now)
+    beat_write = heartbeat(run.id, now) if beat else None
 
     def write(db: sqlite3.Connection) -> None:
         if db.execute(_UPDATE_STEP, update_row).rowcount == 0:
             # Not recorded by create_run (a fan-out element): it goes after the others.
-            db.execute(_INSERT_STEP, insert_row)
+            db.execute(_INSERT_STEP, insert_row())
         if artifacts:
             db.executemany(
                 f"INSERT OR IGNORE INTO artifacts ({_ARTIFACT_COLUMNS}, created) "
@@ -156,7 +165,8 @@ def upsert_step_run(run: PipelineRun, sr: StepRun, now: datetime) -> Write[None]
                 "created = excluded.created",
                 cache_row,
             )
-        beat(db)
+        if beat_write is not None:
+            beat_write(db)
 
     return write
 

@@ -152,6 +152,15 @@ def _json_default(value: Any) -> Any:
 
 def _safe(mapping: Mapping[str, Any]) -> dict[str, Any]:
     """The mapping with every value JSON cannot hold (non-string keys, cycles) as its repr."""
+    if not mapping:
+        return {}
+    try:
+        # The common case: everything is JSON already; one check for the whole mapping.
+        json.dumps(mapping, default=_json_default)
+        if all(type(k) is str for k in mapping):
+            return dict(mapping)
+    except (TypeError, ValueError, RecursionError):
+        pass
     safe: dict[str, Any] = {}
     for key, value in mapping.items():
         try:
@@ -169,6 +178,10 @@ def encode_mapping(mapping: Mapping[str, Any]) -> str:
 
 def encode_config(config: StepRunConfig) -> str:
     """JSON of a step run's configuration."""
+    if not config.parameters and not config.settings and config.step_operator is None and (
+        config.experiment_tracker is None
+    ):
+        return _PLAIN_CONFIG[config.enable_cache]
     return json.dumps(
         {
             "parameters": _safe(config.parameters),
@@ -179,6 +192,13 @@ def encode_config(config: StepRunConfig) -> str:
         },
         default=_json_default,
     )
+
+
+_PLAIN_CONFIG = {
+    flag: json.dumps({"parameters": {}, "enable_cache": flag, "step_operator": None,
+                      "experiment_tracker": None, "settings": {}})
+    for flag in (True, False)
+}
 
 
 def decode_config(text: str) -> StepRunConfig:
@@ -195,6 +215,8 @@ def decode_config(text: str) -> StepRunConfig:
 
 def encode_hook_errors(errors: list[HookError]) -> str:
     """JSON of a step run's hook errors."""
+    if not errors:
+        return "[]"
     return json.dumps([
         {"hook": e.hook, "kind": e.kind, "type": e.error.type, "message": e.error.message,
          "traceback": e.error.traceback}
