@@ -133,7 +133,7 @@ class ArtifactVersion:
         producer_step_run_id: str | None = None,
         python_version: str | None = None,
         loader: ArtifactLoader | None = None,
-        hasher: Callable[[], str] | None = None,
+        hasher: Callable[[ArtifactVersion], str] | None = None,
         value: Any = None,
     ) -> None:
         self.id = id
@@ -155,7 +155,7 @@ class ArtifactVersion:
         if self._content_hash is None:
             if self._hasher is None:
                 raise RuntimeError(f"artifact {self.id} has no content hash")
-            self._content_hash = self._hasher()
+            self._content_hash = self._hasher(self)
             self._hasher = None
         return self._content_hash
 

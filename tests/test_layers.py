@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parent.parent / "flowcore"
 # module (relative to flowcore/, without .py) -> layer
 LAYERS: dict[str, int] = {
     "exceptions": 0, "_events": 0, "typing": 0,
-    "config": 1, "_signature": 1, "_graph": 1, "_retry": 1, "_naming": 1, "_models": 1,
+    "config": 1, "_canonical": 1, "_signature": 1, "_graph": 1, "_retry": 1, "_naming": 1, "_models": 1,
     "_step": 2, "_pipeline": 2, "_compile": 2,
     "stores": 3, "materializers": 3, "_logging": 3, "stack._operators": 3,
     "stack._alerters": 3, "stack._trackers": 3, "stack._process_worker": 3,

@@ -20,6 +20,8 @@ __all__ = [
 # data type -> materializer class. A later registration replaces an earlier one, except that
 # a lazily imported built-in (numpy, pydantic) never replaces what a user registered first.
 _REGISTRY: dict[type, type[Materializer]] = {}
+# materializer_for() answers by type, cleared whenever a materializer registers.
+_FOUND: dict[Any, type[Materializer]] = {}
 
 # Built-ins for third-party types, keyed by the "module.qualname" of a class in a data type's
 # MRO, so flowcore can tell a numpy array apart without importing numpy itself.
@@ -59,6 +61,7 @@ class Materializer:
                 _REGISTRY.setdefault(data_type, cls)
             else:
                 _REGISTRY[data_type] = cls
+                _FOUND.clear()
 
     def save(self, data: Any, uri: str) -> None:
         """Write `data` into the directory `uri` (it exists and is empty when called).
@@ -99,6 +102,19 @@ def materializer_for(data_type: Any) -> type[Materializer]:
     Dataclasses without a registered materializer get the dataclass one; anything else (or a
     typing construct that is no class) gets `CloudpickleMaterializer`.
     """
+    try:
+        return _FOUND[data_type]
+    except (KeyError, TypeError):
+        pass
+    found = _lookup(data_type)
+    try:
+        _FOUND[data_type] = found
+    except TypeError:  # an unhashable typing construct
+        pass
+    return found
+
+
+def _lookup(data_type: Any) -> type[Materializer]:
     from flowcore.materializers import _builtin, _cloudpickle
 
     cls = _as_class(data_type)

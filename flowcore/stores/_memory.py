@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sys
-import uuid
 from typing import Any
 
+from flowcore._canonical import CacheKeyError, canonical_digest
 from flowcore._models import ArtifactVersion, PipelineRun, RunStatus, StepRun, StepStatus
 from flowcore.exceptions import ArtifactLoadError, RunNameConflictError, RunNotFoundError
 from flowcore.stores._base import ArtifactStore, MetadataStore
@@ -103,13 +103,28 @@ class InMemoryMetadataStore(MetadataStore):
         return len(keys)
 
 
-def _memory_hasher(value: Any, materializer: type[Any], data_type: type[Any]) -> Any:
-    def compute() -> str:
-        from flowcore.materializers import content_hash_of
+_PYTHON_VERSION = sys.version.split()[0]
+_names: dict[type, str] = {}
 
-        return content_hash_of(value, materializer, data_type)
 
-    return compute
+def _name(cls: type) -> str:
+    name = _names.get(cls)
+    if name is None:
+        name = _names[cls] = f"{cls.__module__}.{cls.__qualname__}"
+    return name
+
+
+def _hash_in_memory(artifact: ArtifactVersion) -> str:
+    """The content hash of a value kept in memory: its canonical form when it has one (fast,
+    no I/O), else what its materializer writes."""
+    value = artifact._value
+    try:
+        return canonical_digest(value)
+    except CacheKeyError:
+        from flowcore.materializers import content_hash_of, materializer_for, type_from_name
+
+        materializer = type_from_name(artifact.materializer) or materializer_for(type(value))
+        return content_hash_of(value, materializer, type(value))
 
 
 class InMemoryArtifactStore(ArtifactStore):
@@ -125,16 +140,16 @@ class InMemoryArtifactStore(ArtifactStore):
         producer_step_run_id: str,
         step_label: str,
     ) -> ArtifactVersion:
-        art_id = uuid.uuid4().hex
+        art_id = f"{producer_step_run_id}.{name}"
         return ArtifactVersion(
             id=art_id,
             name=name,
             uri=f"memory://{art_id}",
-            materializer=f"{materializer.__module__}.{materializer.__qualname__}",
-            data_type=f"{data_type.__module__}.{data_type.__qualname__}",
+            materializer=_name(materializer),
+            data_type=_name(data_type),
             producer_step_run_id=producer_step_run_id,
-            python_version=sys.version.split()[0],
-            hasher=_memory_hasher(value, materializer, data_type),
+            python_version=_PYTHON_VERSION,
+            hasher=_hash_in_memory,
             value=value,
         )
 
