@@ -26,14 +26,22 @@ def canonical(value: Any, path: str = "") -> Any:
     Raises:
         CacheKeyError: the value (at `path`) has no stable canonical form.
     """
-    if value is None or isinstance(value, bool | int | str):
+    kind = type(value)
+    # Exact types first: JSON keeps None, true, 1, 1.0 and "1" apart; subclasses (enums,
+    # IntEnum, bool-like ints) get a tagged form so they never collide with plain values.
+    if value is None or kind is bool or kind is int or kind is str:
         return value
-    if isinstance(value, float):
+    if kind is float:
         if math.isnan(value) or math.isinf(value):
             return {"__float__": repr(value)}
         return value
     if isinstance(value, enum.Enum):
-        return {"__enum__": f"{type(value).__qualname__}.{value.name}"}
+        return {"__enum__": f"{kind.__module__}.{kind.__qualname__}.{value.name}",
+                "v": canonical(value.value, path)}
+    if isinstance(value, bool | int | float | str):
+        base = next(b for b in (bool, int, float, str) if isinstance(value, b))
+        return {"__subclass__": f"{kind.__module__}.{kind.__qualname__}",
+                "v": canonical(base(value), path)}
     if isinstance(value, list):
         return [canonical(v, f"{path}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, tuple):
@@ -42,12 +50,11 @@ def canonical(value: Any, path: str = "") -> Any:
         items = [canonical(v, f"{path}{{}}") for v in value]
         return {"__set__": sorted(items, key=lambda x: json.dumps(x, sort_keys=True))}
     if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str | int | float | bool) and k is not None:
-                raise CacheKeyError(f"{path or 'value'} has a key of type {type(k).__name__}")
-            out[str(k) if isinstance(k, str) else json.dumps(k)] = canonical(v, f"{path}.{k}")
-        return {"__dict__": out}
+        # Keys keep their type ({1: x} and {"1": x} differ); pairs sorted for a stable order.
+        pairs = [[canonical(k, f"{path}<key>"), canonical(v, f"{path}[{k!r}]")]
+                 for k, v in value.items()]
+        pairs.sort(key=lambda kv: json.dumps(kv[0], sort_keys=True))
+        return {"__dict__": pairs}
     if isinstance(value, bytes | bytearray):
         return {"__bytes__": hashlib.sha256(value).hexdigest()}
     if isinstance(value, pathlib.PurePath):

@@ -494,6 +494,12 @@ class _Scheduler:
             out[key] = h(template)
         return out
 
+    async def _commit(self, sr: StepRun) -> None:
+        # A step's final status is committed before its dependents start: a downstream step
+        # may read it through the client (the seed's fan-in pattern). Concurrently finishing
+        # steps share one group commit.
+        await self.store.update_step_run(self.run, sr)
+
     def _persist(self, sr: StepRun) -> None:
         # Queued, not awaited: the store's writer task (see drive) commits it within a batch,
         # so status changes are stored as they happen without a step waiting on the disk.
@@ -563,7 +569,7 @@ class _Scheduler:
         if element is None:
             self.artifacts[i] = sr.outputs
             self.values[i] = {name: _Lazy(a) for name, a in sr.outputs.items()}
-        self._persist(sr)
+        await self._commit(sr)
         if self.log_on:
             flog.log(_INFO, "cache_hit", run=self.run.name, step=sr.name,
                      cached_from=hit.pipeline_run_id)
@@ -644,7 +650,7 @@ class _Scheduler:
             sr.status = StepStatus.FAILED
             sr.error = error_info(failed[0]) if failed else None
             sr.end_time = _utcnow()
-            self._persist(sr)
+            await self._commit(sr)
             return False
         try:
             artifacts = await self._store_outputs(node, sr, self.plans[i], {"output": results})
@@ -654,7 +660,7 @@ class _Scheduler:
         sr.outputs = artifacts
         sr.status = StepStatus.COMPLETED
         sr.end_time = _utcnow()
-        self._persist(sr)
+        await self._commit(sr)
         self.values[i] = {"output": results}
         self.artifacts[i] = artifacts
         return True
@@ -718,7 +724,7 @@ class _Scheduler:
                 sr.status = StepStatus.COMPLETED
                 sr.error = None
                 sr.end_time = _utcnow()
-                self._persist(sr)
+                await self._commit(sr)
                 if self.log_on:
                     flog.log(_INFO, "step_completed", run=run_name, step=sr.name,
                              attempt=attempt,
@@ -741,7 +747,7 @@ class _Scheduler:
         sr.end_time = _utcnow()
         if self.first_error is None:
             self.first_error = exc
-        self._persist(sr)
+        await self._commit(sr)
         flog.log(logging.ERROR, "step_failed",
                  run=self.run.name, step=sr.name, attempt=sr.attempts, error=repr(exc))
         hooks = plan.hooks

@@ -221,6 +221,18 @@ def mark_crashed(
                 "UPDATE runs SET status = ?, end_time = ? WHERE id = ? AND status = 'running'",
                 (RunStatus.CRASHED.value, to_iso(last), row["id"]),
             )
+            # Its steps no longer run: the ones that were running stopped with the process,
+            # the ones that never started are skipped.
+            db.execute(
+                "UPDATE step_runs SET status = ?, end_time = COALESCE(end_time, ?) "
+                "WHERE run_id = ? AND status IN ('running', 'retrying')",
+                (StepStatus.STOPPED.value, to_iso(last), row["id"]),
+            )
+            db.execute(
+                "UPDATE step_runs SET status = ?, end_time = COALESCE(end_time, ?) "
+                "WHERE run_id = ? AND status = 'pending'",
+                (StepStatus.SKIPPED.value, to_iso(last), row["id"]),
+            )
             crashed.append(str(row["name"]))
     return crashed
 
