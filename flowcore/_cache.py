@@ -39,7 +39,11 @@ def _static_digest(node: Node, materializers: Mapping[str, type[Any]]) -> str:
         "v": CACHE_KEY_VERSION,
         "source": node.step.signature.source,
         "outputs": list(node.step.signature.output_names),
-        "parameters": canonical(dict(cfg.parameters), "parameters"),
+        # A mapped argument is not a parameter of the whole node: each element's key covers
+        # its own value (see the runner's map expansion).
+        "parameters": canonical(
+            {k: v for k, v in cfg.parameters.items()
+             if node.map_spec is None or k not in node.map_spec.mapped}, "parameters"),
         "materializers": {k: f"{m.__module__}.{m.__qualname__}"
                           for k, m in sorted(materializers.items())},
         "settings": canonical(settings, "settings"),

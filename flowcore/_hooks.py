@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
 import types
@@ -13,6 +12,7 @@ from typing import Any
 
 from flowcore._models import StepStatus
 from flowcore._signature import resolve_annotations
+from flowcore._threads import run_in_worker_thread
 from flowcore.exceptions import PipelineDefinitionError
 
 __all__ = ["HOOK_KINDS", "BoundHook", "bind_hook"]
@@ -55,7 +55,7 @@ class BoundHook:
         else:
             # A sync hook may block (an HTTP post); it runs in a worker thread that sees the
             # step context, like a sync step body.
-            await asyncio.to_thread(self.func, **kwargs)
+            await run_in_worker_thread(self.func, **kwargs)
 
 
 def _resolve(hook: Any, where: str) -> Callable[..., Any]:

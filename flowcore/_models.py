@@ -189,6 +189,7 @@ class StepRun:
         "error",
         "hook_errors",
         "id",
+        "logs",
         "name",
         "outputs",
         "pipeline_run_id",
@@ -221,6 +222,9 @@ class StepRun:
         self.error: ErrorInfo | None = None
         self.hook_errors: list[HookError] = []
         self.outputs: dict[str, ArtifactVersion] = {}
+        # What the step printed and logged while it ran (None: not captured or not loaded;
+        # runs read back from SQLite load it with Client.get_step_logs).
+        self.logs: str | None = None
 
     @property
     def output(self) -> ArtifactVersion:

@@ -25,6 +25,7 @@ PIPELINE_OPTIONS = frozenset({
     "enable_cache", "execution_mode", "on_start", "on_success", "on_failure", "on_end", "retry",
     "max_concurrency", "settings", "run_name", "config_path", "synchronous", "stack",
     "substitutions", "clock", "enable_artifact_metadata", "name", "extra", "model",
+    "capture_logs",
 })
 
 
@@ -156,6 +157,7 @@ class Pipeline:
             clock=options.get("clock"),
             run_name=options.get("run_name"),
             substitutions=options.get("substitutions"),
+            capture_logs=bool(options.get("capture_logs", True)),
         )
         return prep, options
 

@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from flowcore import _capture
+from flowcore import _events as events
 from flowcore import _logging as flog
 from flowcore._cache import CacheKeyError, compute_cache_key
 from flowcore._compile import ResolvedStepConfig
@@ -151,8 +153,10 @@ class PreparedRun:
         clock: Clock,
         pipeline_info: PipelineInfo,
         single_step: bool = False,
+        capture_logs: bool = True,
     ) -> None:
         self.graph = graph
+        self.capture_logs = capture_logs
         self.stack = stack
         self.run = run
         self.plans = plans
@@ -239,6 +243,7 @@ def prepare_run(
     substitutions: Mapping[str, str] | None,
     unlisted: bool = False,
     single_step: bool = False,
+    capture_logs: bool = True,
 ) -> PreparedRun:
     """Check everything that can be checked without running a step, and name the run.
 
@@ -291,7 +296,21 @@ def prepare_run(
         clock=clock or _SYSTEM_CLOCK,
         pipeline_info=PipelineInfo(graph.pipeline_name),
         single_step=single_step,
+        capture_logs=capture_logs,
     )
+
+
+def _emit(event: events.Event) -> None:
+    for listener in list(events.listeners):
+        try:
+            listener(event)
+        except Exception:  # a display must never break a run
+            flog.stdlib_logger.debug("event listener failed", exc_info=True)
+
+
+def _step_finished(run: PipelineRun, sr: StepRun) -> None:
+    _emit(events.StepFinished(run.id, sr.name, sr.status.value, sr.attempts,
+                              str(sr.error) if sr.error else None, sr.end_time or _utcnow()))
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
@@ -320,6 +339,7 @@ class _Scheduler:
         self.consumers_left = list(graph.data_consumers)
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.started: set[int] = set()
+        self.tracker_locks: dict[int, asyncio.Lock] = {}
         self.mode = prep.mode
         self.stopping = False
         self.first_error: BaseException | None = None
@@ -375,6 +395,8 @@ class _Scheduler:
                 sr.end_time = _utcnow()
                 if self.log_on:
                     flog.log(_INFO, "step_stopped", run=self.run.name, step=sr.name)
+                if events.listeners:
+                    _step_finished(self.run, sr)
             self._finish(i, ok=False, stopped=True)
             raise
         except BaseException as exc:  # a bug in flowcore itself: record, never hang the run
@@ -436,6 +458,8 @@ class _Scheduler:
                 sr.end_time = now
                 if self.log_on:
                     flog.log(_INFO, "step_skipped", run=self.run.name, step=sr.name)
+                if events.listeners:
+                    _step_finished(self.run, sr)
 
     def _skip_pending(self) -> None:
         self._mark_skipped([i for i, sr in enumerate(self.step_runs)
@@ -573,6 +597,8 @@ class _Scheduler:
         if self.log_on:
             flog.log(_INFO, "cache_hit", run=self.run.name, step=sr.name,
                      cached_from=hit.pipeline_run_id)
+        if events.listeners:
+            _step_finished(self.run, sr)
         return sr.outputs
 
     # -- dynamic fan-out -------------------------------------------------------------------
@@ -589,6 +615,8 @@ class _Scheduler:
         sr.status = StepStatus.RUNNING
         sr.attempts = 1
         self._persist(sr)
+        if events.listeners:
+            _emit(events.StepStarted(self.run.id, sr.name, 1, _utcnow()))
         results: list[Any] = [None] * len(elements)
         failed: list[BaseException] = []
         element_runs: list[StepRun] = []
@@ -651,6 +679,8 @@ class _Scheduler:
             sr.error = error_info(failed[0]) if failed else None
             sr.end_time = _utcnow()
             await self._commit(sr)
+            if events.listeners:
+                _step_finished(self.run, sr)
             return False
         try:
             artifacts = await self._store_outputs(node, sr, self.plans[i], {"output": results})
@@ -661,6 +691,8 @@ class _Scheduler:
         sr.status = StepStatus.COMPLETED
         sr.end_time = _utcnow()
         await self._commit(sr)
+        if events.listeners:
+            _step_finished(self.run, sr)
         self.values[i] = {"output": results}
         self.artifacts[i] = artifacts
         return True
@@ -679,6 +711,8 @@ class _Scheduler:
             stack=self.prep.stack, output_names=sig.output_names,
         )
         token = set_step_context(ctx)
+        capture: list[str] | None = [] if self.prep.capture_logs else None
+        capture_token = _capture.set_buffer(capture) if capture is not None else None
         try:
             attempt = 0
             while True:
@@ -689,6 +723,8 @@ class _Scheduler:
                 self._persist(sr)
                 if self.log_on:
                     flog.log(_INFO, "step_started", run=run_name, step=sr.name, attempt=attempt)
+                if events.listeners:
+                    _emit(events.StepStarted(self.run.id, sr.name, attempt, _utcnow()))
                 if "on_start" in hooks:
                     await self._call_hook(sr, hooks["on_start"])
                 started = self.clock.monotonic() if self.log_on else 0.0
@@ -715,20 +751,29 @@ class _Scheduler:
                         if self.log_on:
                             flog.log(_INFO, "step_retrying", run=run_name, step=sr.name,
                                      attempt=attempt, delay=delay, error=repr(exc))
+                        if events.listeners:
+                            _emit(events.StepRetrying(self.run.id, sr.name, attempt, delay,
+                                                      repr(exc), _utcnow()))
                         if delay > 0:
                             await self.clock.sleep(delay)
                         continue
+                    if capture:
+                        sr.logs = "".join(capture)
                     await self._fail(sr, plan, exc)
                     return None
                 sr.outputs = artifacts
                 sr.status = StepStatus.COMPLETED
                 sr.error = None
                 sr.end_time = _utcnow()
+                if capture:
+                    sr.logs = "".join(capture)
                 await self._commit(sr)
                 if self.log_on:
                     flog.log(_INFO, "step_completed", run=run_name, step=sr.name,
                              attempt=attempt,
                              duration=round(self.clock.monotonic() - started, 6))
+                if events.listeners:
+                    _step_finished(self.run, sr)
                 if hooks:
                     out = values[sig.output_names[0]] if len(values) == 1 else (
                         tuple(values.values()) if values else None
@@ -739,6 +784,10 @@ class _Scheduler:
                         await self._call_hook(sr, hooks["on_end"], step_output=out)
                 return values, artifacts
         finally:
+            if capture_token is not None:
+                if capture and sr.logs is None:
+                    sr.logs = "".join(capture)  # stopped mid-step: keep what it printed
+                _capture.reset_buffer(capture_token)
             reset_step_context(token)
 
     async def _fail(self, sr: StepRun, plan: _NodePlan, exc: BaseException) -> None:
@@ -750,6 +799,8 @@ class _Scheduler:
         await self._commit(sr)
         flog.log(logging.ERROR, "step_failed",
                  run=self.run.name, step=sr.name, attempt=sr.attempts, error=repr(exc))
+        if events.listeners:
+            _step_finished(self.run, sr)
         hooks = plan.hooks
         if "on_failure" in hooks:
             await self._call_hook(sr, hooks["on_failure"], exception=exc)
@@ -806,7 +857,11 @@ class _Scheduler:
         if tracker is not None:
             # The tracker's context is entered where the body runs (a worker thread for a
             # sync body), since trackers such as MLflow keep their active run per thread.
-            func = _tracked(func, tracker, step.is_async, pipeline_name=self.graph.pipeline_name,
+            lock = None
+            if step.is_async and getattr(tracker, "thread_bound", False):
+                lock = self.tracker_locks.setdefault(id(tracker), asyncio.Lock())
+            func = _tracked(func, tracker, step.is_async, lock,
+                            pipeline_name=self.graph.pipeline_name,
                             run_name=self.run.name, step_name=node.id,
                             settings=plan.tracker_settings)
         coro = operator.run(func, kwargs, is_async=step.is_async,
@@ -945,11 +1000,18 @@ def _combine(node: Node, values: list[Any]) -> Any:
     return values[0]
 
 
-def _tracked(func: Callable[..., Any], tracker: Any, is_async: bool, **track: Any) -> Any:
+def _tracked(func: Callable[..., Any], tracker: Any, is_async: bool,
+             lock: asyncio.Lock | None = None, **track: Any) -> Any:
     if is_async:
         async def tracked_async(**kwargs: Any) -> Any:
-            with tracker.track(**track):
-                return await func(**kwargs)
+            if lock is None:
+                with tracker.track(**track):
+                    return await func(**kwargs)
+            # A tracker that keeps its active run per thread (MLflow) cannot have two async
+            # bodies active on the loop's one thread: they take turns.
+            async with lock:
+                with tracker.track(**track):
+                    return await func(**kwargs)
         return tracked_async
 
     def tracked(**kwargs: Any) -> Any:
@@ -977,14 +1039,21 @@ async def execute(prep: PreparedRun, *, raise_on_failure: bool = True) -> Pipeli
     if flog.enabled(_INFO):
         flog.log(_INFO, "run_started", run=run.name, pipeline=run.pipeline_name,
                  steps=len(prep.graph.nodes), pid=os.getpid(), host=socket.gethostname())
+    if events.listeners:
+        _emit(events.RunStarted(run.id, run.name, run.pipeline_name,
+                                tuple(run.steps), run.start_time))
     sched = _Scheduler(prep, store)
     cancelled = False
+    if prep.capture_logs:
+        _capture.install()
     try:
         await _with_heartbeat(store, run, sched.drive())
     except asyncio.CancelledError:
         cancelled = True
         raise
     finally:
+        if prep.capture_logs:
+            _capture.uninstall()
         sched._skip_pending()
         if cancelled:
             run.status = RunStatus.STOPPED
@@ -1000,6 +1069,8 @@ async def execute(prep: PreparedRun, *, raise_on_failure: bool = True) -> Pipeli
         await _shielded(_finalize(store, run, sched.step_runs))
         flog.log(logging.INFO, f"run_{run.status.value}", run=run.name,
                  pipeline=run.pipeline_name)
+        if events.listeners:
+            _emit(events.RunFinished(run.id, run.name, run.status.value, run.end_time))
     if run.status is RunStatus.FAILED and raise_on_failure:
         failed = [sr.name for sr in sched.step_runs if sr.status is StepStatus.FAILED]
         err = RunFailedError(

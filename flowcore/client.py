@@ -15,15 +15,25 @@ __all__ = ["AsyncClient", "Client"]
 T = TypeVar("T")
 
 
+def _current_stack() -> Stack:
+    # Inside a step body or hook, the stack of the run itself (which may have been given with
+    # with_options(stack=...)); elsewhere the active stack.
+    from flowcore.context import _current
+
+    ctx = _current.get()
+    return ctx.stack if ctx is not None else get_active_stack()
+
+
 class AsyncClient:
-    """Reads runs and artifacts from a stack's metadata store (the active stack by default)."""
+    """Reads runs and artifacts from a stack's metadata store (by default the active stack, or
+    inside a step the stack its run uses)."""
 
     def __init__(self, stack: Stack | None = None) -> None:
         self._stack = stack
 
     @property
     def active_stack(self) -> Stack:
-        return self._stack or get_active_stack()
+        return self._stack or _current_stack()
 
     async def get_pipeline_run(self, name_or_id: str) -> PipelineRun:
         """A run by name or id (raises RunNotFoundError)."""
@@ -45,6 +55,22 @@ class AsyncClient:
         store = await self.active_stack.metadata_store()
         return await store.get_artifact(artifact_id)
 
+    async def get_step_logs(self, run_name_or_id: str, step_name: str) -> str:
+        """What one step of a run printed and logged."""
+        run = await self.get_pipeline_run(run_name_or_id)
+        try:
+            step_run = run.steps[step_name]
+        except KeyError:
+            from flowcore.exceptions import FlowcoreError
+
+            raise FlowcoreError(
+                f"run '{run.name}' has no step '{step_name}' (steps: {', '.join(run.steps)})"
+            ) from None
+        if step_run.logs is not None:
+            return step_run.logs
+        store = await self.active_stack.metadata_store()
+        return await store.get_step_logs(step_run.id)
+
     async def delete_pipeline_run(self, name_or_id: str) -> None:
         """Delete a run and its step runs."""
         store = await self.active_stack.metadata_store()
@@ -64,7 +90,7 @@ class Client:
 
     @property
     def active_stack(self) -> Stack:
-        return self._stack or get_active_stack()
+        return self._stack or _current_stack()
 
     def _call(self, method: Callable[[AsyncClient], Awaitable[T]]) -> T:
         stack = self.active_stack
@@ -100,6 +126,10 @@ class Client:
     def get_artifact_version(self, artifact_id: str) -> ArtifactVersion:
         """One artifact version by id (raises ArtifactLoadError if unknown)."""
         return self._call(lambda c: c.get_artifact_version(artifact_id))
+
+    def get_step_logs(self, run_name_or_id: str, step_name: str) -> str:
+        """What one step of a run printed and logged."""
+        return self._call(lambda c: c.get_step_logs(run_name_or_id, step_name))
 
     def delete_pipeline_run(self, name_or_id: str) -> None:
         """Delete a run and its step runs."""

@@ -469,13 +469,17 @@ async def test_a_read_only_directory_is_a_store_error(tmp_path: Path) -> None:
 
 
 async def test_schema_is_versioned_and_newer_schemas_refused(tmp_path: Path) -> None:
-    """A new database is at schema version 1; one from a newer flowcore raises StoreError."""
+    """A new database is at the latest schema version; one from a newer flowcore raises
+    StoreError."""
+    from flowcore.stores._sqlite_schema import LATEST_VERSION
+
     path = tmp_path / "flowcore.db"
     store = SqliteMetadataStore(path, LocalArtifactStore(tmp_path))
     await store.open()
     await store.close()
     with _raw(path) as db:
-        assert db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 1
+        assert db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == (
+            LATEST_VERSION)
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         db.execute("INSERT INTO schema_version VALUES (99)")
     with pytest.raises(StoreError, match="newer"):
@@ -488,3 +492,29 @@ async def test_reads_return_aware_utc_datetimes(sqlite_store: SqliteMetadataStor
     await sqlite_store.create_run(run)
     got = await sqlite_store.get_run("r1")
     assert got.start_time == datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
+
+
+async def test_a_version_1_database_migrates_forward_keeping_its_runs(tmp_path: Path) -> None:
+    """A database written at schema version 1 is migrated to the latest version on open,
+    and the runs it held are still there (version 2 adds the step_logs table)."""
+    import sqlite3
+
+    from flowcore.stores._sqlite_schema import _MIGRATIONS, LATEST_VERSION
+
+    path = tmp_path / "flowcore.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statement in _MIGRATIONS[1]:
+            db.execute(statement)
+        db.execute("INSERT INTO schema_version (version) VALUES (1)")
+    store = SqliteMetadataStore(path, LocalArtifactStore(tmp_path))
+    await store.create_run(make_run("old"))
+    await store.close()
+    store = SqliteMetadataStore(path, LocalArtifactStore(tmp_path))
+    assert (await store.get_run("old")).name == "old"
+    await store.close()
+    with _raw(path) as db:
+        assert db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == (
+            LATEST_VERSION)
+        assert db.execute(
+            "SELECT name FROM sqlite_master WHERE name = 'step_logs'").fetchone() is not None

@@ -4,8 +4,6 @@ bodies in a worker thread."""
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 import multiprocessing
 import sys
 from collections.abc import Callable
@@ -14,6 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from flowcore._threads import run_in_worker_thread
 from flowcore.exceptions import ConfigError, FlowcoreError
 
 
@@ -77,9 +76,7 @@ class LocalStepOperator(StepOperator):
     ) -> Any:
         if is_async:
             return await func(**kwargs)
-        loop = asyncio.get_running_loop()
-        ctx = contextvars.copy_context()
-        return await loop.run_in_executor(None, functools.partial(ctx.run, func, **kwargs))
+        return await run_in_worker_thread(func, **kwargs)
 
 
 class _Worker:
@@ -175,6 +172,8 @@ class ProcessStepOperator(StepOperator):
                 worker.kill()
                 raise
             except (EOFError, OSError) as exc:
+                # The pipe closed before the process was reaped: wait briefly for its code.
+                await asyncio.to_thread(worker.process.join, 2)
                 code = worker.process.exitcode
                 worker.kill()
                 raise StepOperatorError(

@@ -27,6 +27,7 @@ class ExperimentTracker:
 
     flavor: ClassVar[str] = "base"
     SETTINGS: ClassVar[type[BaseModel]] = ExperimentTrackerSettings
+    thread_bound: ClassVar[bool] = False
 
     @contextlib.contextmanager
     def track(
@@ -58,6 +59,8 @@ class MLflowExperimentTracker(ExperimentTracker):
 
     flavor: ClassVar[str] = "mlflow"
     SETTINGS: ClassVar[type[BaseModel]] = MLflowSettings
+    # MLflow's active run lives in a thread-local stack: async bodies on one loop take turns.
+    thread_bound: ClassVar[bool] = True
 
     def __init__(self, tracking_uri: str | None = None, experiment_name: str | None = None) -> None:
         self.tracking_uri = tracking_uri
@@ -74,6 +77,9 @@ class MLflowExperimentTracker(ExperimentTracker):
 
         home = Path(os.environ.get("FLOWCORE_HOME") or ".flowcore").absolute()
         (home / "mlruns").mkdir(parents=True, exist_ok=True)
+        # MLflow 3 refuses a file store unless asked; the local default is one on purpose
+        # (mlflow-skinny has no SQLAlchemy for a sqlite:// store).
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         return (home / "mlruns").as_uri()
 
     @contextlib.contextmanager

@@ -62,7 +62,7 @@ def _build(kind: str, name: str, spec: _Component, where: str) -> Any:
     options = dict(spec.model_extra or {})
     try:
         return factory(**options)
-    except TypeError as exc:
+    except (TypeError, ConfigError) as exc:
         raise ConfigError(f"{where}: {kind} '{name}': {exc}") from None
 
 

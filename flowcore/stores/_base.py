@@ -70,6 +70,10 @@ class MetadataStore(abc.ABC):
     async def find_cached(self, cache_key: str) -> StepRun | None:
         """Return the newest COMPLETED step run stored under `cache_key`, or None."""
 
+    async def get_step_logs(self, step_run_id: str) -> str:
+        """What a step run printed and logged ('' if nothing was captured)."""
+        raise NotImplementedError
+
     def record_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
         """Queue the same write as `update_step_run` without waiting for it.
 

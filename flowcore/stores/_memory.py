@@ -75,6 +75,13 @@ class InMemoryMetadataStore(MetadataStore):
         ]
         return out[:limit]
 
+    async def get_step_logs(self, step_run_id: str) -> str:
+        for run in self._runs.values():
+            for sr in run.steps.values():
+                if sr.id == step_run_id:
+                    return sr.logs or ""
+        return ""
+
     async def get_artifact(self, artifact_id: str) -> ArtifactVersion:
         try:
             return self._artifacts[artifact_id]

@@ -362,6 +362,9 @@ class SqliteMetadataStore(MetadataStore):
         )
         return [self._bind_run(run) for run in runs]
 
+    async def get_step_logs(self, step_run_id: str) -> str:
+        return await self._read(partial(ops.read_step_logs, step_run_id=step_run_id))
+
     async def get_artifact(self, artifact_id: str) -> ArtifactVersion:
         artifact = await self._read(partial(ops.read_artifact, artifact_id=artifact_id))
         return self.artifact_store.bind(artifact)

@@ -138,6 +138,7 @@ def upsert_step_run(
     if sr.status is StepStatus.COMPLETED and sr.cache_key is not None:
         cache_row = (sr.cache_key, sr.id, run.pipeline_name, to_iso(now))
     beat_write = heartbeat(run.id, now) if beat else None
+    logs = sr.logs if sr.status.is_finished else None
 
     def write(db: sqlite3.Connection) -> None:
         if db.execute(_UPDATE_STEP, update_row).rowcount == 0:
@@ -165,6 +166,9 @@ def upsert_step_run(
                 "created = excluded.created",
                 cache_row,
             )
+        if logs:
+            db.execute("INSERT OR REPLACE INTO step_logs (step_run_id, text) VALUES (?, ?)",
+                       (sr.id, logs))
         if beat_write is not None:
             beat_write(db)
 
@@ -355,6 +359,13 @@ def read_artifact(db: sqlite3.Connection, artifact_id: str) -> ArtifactVersion:
     if row is None:
         raise ArtifactLoadError(f"no artifact version with id '{artifact_id}'")
     return _artifact_from_row(row)
+
+
+def read_step_logs(db: sqlite3.Connection, step_run_id: str) -> str:
+    """What one step run printed and logged ('' if nothing)."""
+    row = db.execute("SELECT text FROM step_logs WHERE step_run_id = ?",
+                     (step_run_id,)).fetchone()
+    return str(row["text"]) if row is not None else ""
 
 
 def find_cached(db: sqlite3.Connection, cache_key: str) -> StepRun | None:

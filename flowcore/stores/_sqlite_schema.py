@@ -99,6 +99,13 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX cache_entries_step ON cache_entries(step_run_id)",
         "CREATE INDEX cache_entries_pipeline ON cache_entries(pipeline_name)",
     ),
+    # 2: what each step printed and logged, kept apart so listing runs never reads it.
+    2: (
+        """CREATE TABLE step_logs (
+            step_run_id TEXT PRIMARY KEY REFERENCES step_runs(id) ON DELETE CASCADE,
+            text TEXT NOT NULL
+        )""",
+    ),
 }
 LATEST_VERSION = max(_MIGRATIONS)
 
