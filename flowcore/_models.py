@@ -196,6 +196,7 @@ class StepRun:
         "start_time",
         "status",
         "step_name",
+        "upstream",
     )
 
     def __init__(
@@ -225,6 +226,8 @@ class StepRun:
         # What the step printed and logged while it ran (None: not captured or not loaded;
         # runs read back from SQLite load it with Client.get_step_logs).
         self.logs: str | None = None
+        # Invocation IDs this step waited for (data and order dependencies).
+        self.upstream: tuple[str, ...] = ()
 
     @property
     def output(self) -> ArtifactVersion:

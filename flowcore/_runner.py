@@ -273,9 +273,10 @@ def prepare_run(
         unlisted=unlisted,
     )
     steps = run.steps
-    for node in graph.nodes:
+    nodes = graph.nodes
+    for node in nodes:
         cfg: ResolvedStepConfig = node.config
-        steps[node.id] = StepRun(
+        sr = steps[node.id] = StepRun(
             id=f"{run_id}-{node.index}",
             name=node.id,
             step_name=node.step.name,
@@ -286,6 +287,8 @@ def prepare_run(
                 cfg.settings,
             ),
         )
+        if node.parents:
+            sr.upstream = tuple(nodes[p].id for p in node.parents)
     return PreparedRun(
         graph=graph,
         stack=stack,
@@ -630,6 +633,7 @@ class _Scheduler:
                               step_operator=sr.config.step_operator,
                               experiment_tracker=sr.config.experiment_tracker,
                               settings=sr.config.settings))
+            esr.upstream = sr.upstream
             self.run.steps[eid] = esr
             element_runs.append(esr)
 

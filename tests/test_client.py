@@ -469,3 +469,34 @@ def test_unwritable_flowcore_home_is_a_clear_flowcore_error(
     with pytest.raises(FlowcoreError) as info:
         homeless()
     assert str(blocker) in str(info.value)
+
+
+async def test_stored_runs_keep_each_steps_upstream_invocations(stack: Stack) -> None:
+    """Each step run records the invocation IDs it waited for (data and after=), and a run
+    read back through the client has the same DAG."""
+
+    @step(enable_cache=False)
+    def first() -> int:
+        return 1
+
+    @step(enable_cache=False)
+    def second(x: int) -> int:
+        return x
+
+    @step(enable_cache=False)
+    def third() -> None:
+        return None
+
+    @pipeline
+    def dag() -> None:
+        a = first()
+        b = second(a)
+        third(after=[b, "first"])
+
+    run = await dag.run()
+    assert run.steps["first"].upstream == ()
+    assert run.steps["second"].upstream == ("first",)
+    assert set(run.steps["third"].upstream) == {"first", "second"}
+    stored = await AsyncClient().get_pipeline_run(run.id)
+    assert {n: set(s.upstream) for n, s in stored.steps.items()} == {
+        "first": set(), "second": {"first"}, "third": {"first", "second"}}

@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 _STEP_COLUMNS = (
     "id, run_id, name, step_name, status, attempts, cache_key, cache_miss_reason, start_time, "
-    "end_time, error_type, error_message, error_traceback, hook_errors, config"
+    "end_time, error_type, error_message, error_traceback, hook_errors, config, upstream"
 )
 _ARTIFACT_COLUMNS = (
     "id, name, uri, materializer, data_type, content_hash, size, producer_step_run_id, "
@@ -55,7 +55,7 @@ def _step_values(sr: StepRun, *, with_config: bool = True) -> tuple[Any, ...]:
         encode_hook_errors(sr.hook_errors),
     )
     if with_config:
-        values += (encode_config(sr.config),)
+        values += (encode_config(sr.config), json.dumps(list(sr.upstream)))
     return values
 
 
@@ -84,7 +84,7 @@ def insert_run(run: PipelineRun, *, pid: int, host: str, now: datetime) -> Write
         db.execute("INSERT OR IGNORE INTO pipelines (name, created) VALUES (?, ?)",
                    (run.pipeline_name, to_iso(now)))
         db.executemany(f"INSERT INTO step_runs ({_STEP_COLUMNS}, position) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", step_rows)
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", step_rows)
 
     return write
 
@@ -117,7 +117,7 @@ _UPDATE_STEP = (
 )
 _INSERT_STEP = (
     f"INSERT INTO step_runs ({_STEP_COLUMNS}, position) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
     "(SELECT COALESCE(MAX(position), -1) + 1 FROM step_runs WHERE run_id = ?))"
 )
 
@@ -131,7 +131,8 @@ def upsert_step_run(
     config = sr.config
 
     def insert_row() -> tuple[Any, ...]:
-        return (sr.id, run.id, sr.name, sr.step_name, *values, encode_config(config), run.id)
+        return (sr.id, run.id, sr.name, sr.step_name, *values, encode_config(config),
+                json.dumps(list(sr.upstream)), run.id)
     artifacts = list(sr.outputs.values())
     output_rows = [(sr.id, name, a.id) for name, a in sr.outputs.items()]
     cache_row = None
@@ -274,6 +275,7 @@ def _step_from_row(row: sqlite3.Row) -> StepRun:
         sr.error = ErrorInfo(type=row["error_type"], message=row["error_message"] or "",
                              traceback=row["error_traceback"] or "")
     sr.hook_errors = decode_hook_errors(row["hook_errors"])
+    sr.upstream = tuple(json.loads(row["upstream"] or "[]"))
     return sr
 
 

@@ -99,12 +99,14 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX cache_entries_step ON cache_entries(step_run_id)",
         "CREATE INDEX cache_entries_pipeline ON cache_entries(pipeline_name)",
     ),
-    # 2: what each step printed and logged, kept apart so listing runs never reads it.
+    # 2: what each step printed and logged, kept apart so listing runs never reads it; the
+    # invocation IDs each step run depends on (to draw the DAG of a stored run).
     2: (
         """CREATE TABLE step_logs (
             step_run_id TEXT PRIMARY KEY REFERENCES step_runs(id) ON DELETE CASCADE,
             text TEXT NOT NULL
         )""",
+        "ALTER TABLE step_runs ADD COLUMN upstream TEXT NOT NULL DEFAULT '[]'",
     ),
 }
 LATEST_VERSION = max(_MIGRATIONS)
