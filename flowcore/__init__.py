@@ -8,6 +8,7 @@ or from a script (`pipeline()`).
 from __future__ import annotations
 
 from flowcore._graph import Graph
+from flowcore._handles import RunHandle
 from flowcore._logging import enable_console_logging
 from flowcore._models import (
     ArtifactVersion,
@@ -18,7 +19,7 @@ from flowcore._models import (
     StepStatus,
 )
 from flowcore._pipeline import Pipeline, pipeline
-from flowcore._runner import RunHandle
+from flowcore._progress import progress
 from flowcore._step import OutputHandle, Step, step, unmapped
 from flowcore.client import AsyncClient, Client
 from flowcore.config import ExecutionMode, StepRetryConfig
@@ -79,6 +80,7 @@ __all__ = [
     "get_active_stack",
     "get_step_context",
     "pipeline",
+    "progress",
     "set_active_stack",
     "step",
     "unmapped",

@@ -15,8 +15,9 @@ from flowcore.config import ExecutionMode, RunConfigFile, load_run_config
 from flowcore.exceptions import ConfigError, FlowcoreError
 
 if TYPE_CHECKING:
+    from flowcore._handles import RunHandle
     from flowcore._models import PipelineRun
-    from flowcore._runner import PreparedRun, RunHandle
+    from flowcore._prepare import PreparedRun
     from flowcore.stack import Stack
 
 __all__ = ["PIPELINE_OPTIONS", "Pipeline", "pipeline"]
@@ -130,7 +131,7 @@ class Pipeline:
     def _prepare(
         self, args: tuple[Any, ...], params: Mapping[str, Any], *, stack: Stack | None = None
     ) -> tuple[PreparedRun, dict[str, Any]]:
-        from flowcore._runner import prepare_run
+        from flowcore._prepare import prepare_run
         from flowcore.stack import Stack, get_active_stack
 
         options, run_config = self._resolved_options()
@@ -175,7 +176,7 @@ class Pipeline:
 
     def submit(self, *args: Any, **params: Any) -> RunHandle:
         """Start a background run on the running loop and return its `RunHandle` at once."""
-        from flowcore._runner import start_background
+        from flowcore._handles import start_background
 
         try:
             asyncio.get_running_loop()

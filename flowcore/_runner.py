@@ -1,4 +1,4 @@
-"""The scheduler: the one place that creates tasks.
+"""The scheduler: the one place that creates a run's tasks.
 
 One `asyncio.TaskGroup` per run. A step task is created the moment its last dependency ends
 (the finishing task launches its ready children itself: no polling, no batches). Inside the
@@ -13,8 +13,7 @@ import os
 import socket
 import traceback
 import uuid
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any
 
 from flowcore import _capture
@@ -22,8 +21,8 @@ from flowcore import _events as events
 from flowcore import _logging as flog
 from flowcore._cache import CacheKeyError, compute_cache_key
 from flowcore._compile import ResolvedStepConfig
-from flowcore._graph import Graph, Node, OutputRef
-from flowcore._hooks import HOOK_KINDS, BoundHook, bind_hook
+from flowcore._graph import Node, OutputRef
+from flowcore._hooks import BoundHook
 from flowcore._models import (
     ArtifactVersion,
     ErrorInfo,
@@ -34,44 +33,23 @@ from flowcore._models import (
     StepRunConfig,
     StepStatus,
 )
-from flowcore._naming import DEFAULT_RUN_NAME, format_run_name
+from flowcore._prepare import NodePlan, PreparedRun, utcnow
 from flowcore._retry import retry_delay, should_retry
 from flowcore.config import ExecutionMode
-from flowcore.context import PipelineInfo, StepContext, reset_step_context, set_step_context
+from flowcore.context import StepContext, reset_step_context, set_step_context
 from flowcore.exceptions import (
-    ConfigError,
-    FlowcoreError,
     MaterializerError,
     RunFailedError,
     StepInputError,
     StepOutputError,
     StepTimeoutError,
 )
-from flowcore.stack import Stack
 from flowcore.stores._base import MetadataStore
-from flowcore.typing import Clock
 
-__all__ = ["PreparedRun", "RunHandle", "SystemClock", "execute", "prepare_run"]
+__all__ = ["error_info", "execute", "mark_unstarted_stopped"]
 
 _INFO = logging.INFO
-_now = datetime.now
-
-
-def _utcnow() -> datetime:
-    return _now(UTC)
-
-
-class SystemClock:
-    """Real time: `asyncio.sleep` and `time.monotonic`."""
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-    def monotonic(self) -> float:
-        return asyncio.get_running_loop().time()
-
-
-_SYSTEM_CLOCK = SystemClock()
+_utcnow = utcnow
 
 
 class _Lazy:
@@ -82,225 +60,6 @@ class _Lazy:
     def __init__(self, artifact: ArtifactVersion) -> None:
         self.artifact = artifact
 
-
-class _NodePlan:
-    """Per-node things resolved once before the run starts (hooks, materializers, operator)."""
-
-    __slots__ = ("hooks", "materializers", "operator", "operator_settings", "tracker",
-                 "tracker_settings")
-
-    def __init__(self) -> None:
-        self.hooks: dict[str, BoundHook] = {}
-        self.materializers: dict[str, type[Any]] = {}
-        self.operator: Any = None
-        self.tracker: Any = None
-        self.operator_settings: Any = None
-        self.tracker_settings: Any = None
-
-
-_KNOWN_SETTINGS = frozenset({"step_operator", "experiment_tracker", "orchestrator", "alerter"})
-
-
-def _validated_settings(cfg: ResolvedStepConfig, kind: str, component: Any, where: str) -> Any:
-    """Validate `settings["<kind>"]` / `settings["<kind>.<flavor>"]` with the component's model.
-
-    Settings for a component the step does not use are logged, not fatal.
-    """
-    if not cfg.settings:
-        return None
-    keys = [k for k in cfg.settings if k == kind or k.startswith(kind + ".")]
-    if not keys:
-        return None
-    from pydantic import ValidationError
-
-    from flowcore.config import format_validation_error
-
-    if component is None:
-        for key in keys:
-            flog.log(logging.WARNING, "settings_unused", where=where, key=key,
-                     reason=f"the step uses no {kind}")
-        return None
-    chosen = None
-    for key in keys:
-        flavor = key.partition(".")[2]
-        if flavor and flavor != component.flavor:
-            flog.log(logging.WARNING, "settings_unused", where=where, key=key,
-                     reason=f"the step's {kind} is of flavor '{component.flavor}'")
-            continue
-        try:
-            validated = component.SETTINGS.model_validate(cfg.settings[key])
-        except ValidationError as exc:
-            raise ConfigError(
-                f"{where}: settings '{key}': {format_validation_error(exc)}"
-            ) from None
-        if chosen is None or flavor:
-            chosen = validated
-    return chosen
-
-
-class PreparedRun:
-    """A run checked and named, ready to execute; all errors so far are raised before this."""
-
-    def __init__(
-        self,
-        *,
-        graph: Graph,
-        stack: Stack,
-        run: PipelineRun,
-        plans: list[_NodePlan],
-        mode: ExecutionMode,
-        max_concurrency: int | None,
-        clock: Clock,
-        pipeline_info: PipelineInfo,
-        single_step: bool = False,
-        capture_logs: bool = True,
-    ) -> None:
-        self.graph = graph
-        self.capture_logs = capture_logs
-        self.stack = stack
-        self.run = run
-        self.plans = plans
-        self.mode = mode
-        self.max_concurrency = max_concurrency
-        self.clock = clock
-        self.pipeline_info = pipeline_info
-        self.single_step = single_step
-        # Filled in by execute(): the first step error and, for single-step runs, the values.
-        self.first_error: BaseException | None = None
-        self.values: list[dict[str, Any] | None] = []
-
-
-def _bind_plans(graph: Graph, stack: Stack) -> list[_NodePlan]:
-    from flowcore.materializers import resolve_materializer
-
-    bound: dict[tuple[int, str], BoundHook] = {}
-    plans = []
-    # Invocations of one step share their resolved hooks/settings/materializers objects (see
-    # _compile.resolve_step_config), so they can share one plan: a 10,000-way fan-out binds once.
-    shared: dict[tuple[int, ...], _NodePlan] = {}
-    for node in graph.nodes:
-        cfg: ResolvedStepConfig = node.config
-        share_key = (id(node.step), id(cfg.hooks), id(cfg.settings),
-                     id(cfg.output_materializers), node.map_spec is None)
-        plan = shared.get(share_key)
-        if plan is not None:
-            plans.append(plan)
-            continue
-        where = f"pipeline '{graph.pipeline_name}', step '{node.id}'"
-        plan = shared[share_key] = _NodePlan()
-        for kind in HOOK_KINDS:
-            hook = cfg.hooks.get(kind)
-            if hook is None:
-                continue
-            key = (id(hook), kind)
-            b = bound.get(key)
-            if b is None:
-                b = bound[key] = bind_hook(hook, kind, where)
-            plan.hooks[kind] = b
-        for out_name, spec in cfg.output_materializers.items():
-            if out_name != "*" and out_name not in node.step.signature.output_names and (
-                node.map_spec is None
-            ):
-                raise ConfigError(
-                    f"{where}: output_materializers names output '{out_name}', which the step "
-                    f"does not have (outputs: {', '.join(node.step.signature.output_names)})"
-                )
-            plan.materializers[out_name] = resolve_materializer(
-                spec, where=f"{where}, output '{out_name}'"
-            )
-        if cfg.step_operator is not None:
-            try:
-                plan.operator = stack.step_operator(cfg.step_operator)
-            except ConfigError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-        if cfg.experiment_tracker is not None:
-            try:
-                plan.tracker = stack.experiment_tracker(cfg.experiment_tracker)
-            except ConfigError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-        plan.operator_settings = _validated_settings(
-            cfg, "step_operator", plan.operator, where)
-        plan.tracker_settings = _validated_settings(
-            cfg, "experiment_tracker", plan.tracker, where)
-        for setting in cfg.settings:
-            kind = setting.split(".", 1)[0]
-            if kind not in _KNOWN_SETTINGS and flog.enabled(logging.WARNING):
-                flog.log(logging.WARNING, "settings_unused", pipeline=graph.pipeline_name,
-                         step=node.id, key=setting,
-                         reason="no stack component of this type uses it")
-        plans.append(plan)
-    return plans
-
-
-def prepare_run(
-    graph: Graph,
-    *,
-    stack: Stack,
-    mode: ExecutionMode,
-    max_concurrency: int | None,
-    clock: Clock | None,
-    run_name: str | None,
-    substitutions: Mapping[str, str] | None,
-    unlisted: bool = False,
-    single_step: bool = False,
-    capture_logs: bool = True,
-) -> PreparedRun:
-    """Check everything that can be checked without running a step, and name the run.
-
-    Raises:
-        PipelineDefinitionError, ConfigError, MaterializerError: before any step runs.
-    """
-    plans = _bind_plans(graph, stack)
-    if max_concurrency is not None and max_concurrency < 1:
-        raise ConfigError(
-            f"pipeline '{graph.pipeline_name}': max_concurrency must be >= 1, not {max_concurrency}"
-        )
-    now = _utcnow()
-    run_id = uuid.uuid4().hex
-    name = format_run_name(
-        run_name or DEFAULT_RUN_NAME,
-        pipeline_name=graph.pipeline_name,
-        run_id=run_id,
-        now=now,
-        substitutions=substitutions,
-    )
-    run = PipelineRun(
-        id=run_id,
-        name=name,
-        pipeline_name=graph.pipeline_name,
-        start_time=now,
-        parameters=graph.parameters,
-        unlisted=unlisted,
-    )
-    steps = run.steps
-    nodes = graph.nodes
-    for node in nodes:
-        cfg: ResolvedStepConfig = node.config
-        sr = steps[node.id] = StepRun(
-            id=f"{run_id}-{node.index}",
-            name=node.id,
-            step_name=node.step.name,
-            pipeline_run_id=run_id,
-            # Shared with the resolved config (both are read-only once compiled).
-            config=StepRunConfig(
-                cfg.parameters, cfg.enable_cache, cfg.step_operator, cfg.experiment_tracker,
-                cfg.settings,
-            ),
-        )
-        if node.parents:
-            sr.upstream = tuple(nodes[p].id for p in node.parents)
-    return PreparedRun(
-        graph=graph,
-        stack=stack,
-        run=run,
-        plans=plans,
-        mode=mode,
-        max_concurrency=max_concurrency,
-        clock=clock or _SYSTEM_CLOCK,
-        pipeline_info=PipelineInfo(graph.pipeline_name),
-        single_step=single_step,
-        capture_logs=capture_logs,
-    )
 
 
 def _emit(event: events.Event) -> None:
@@ -702,7 +461,7 @@ class _Scheduler:
         return True
 
     async def attempt_loop(
-        self, node: Node, sr: StepRun, plan: _NodePlan, kwargs: dict[str, Any],
+        self, node: Node, sr: StepRun, plan: NodePlan, kwargs: dict[str, Any],
     ) -> tuple[dict[str, Any], dict[str, ArtifactVersion]] | None:
         """Run a step's attempts (retries, timeout, hooks); None if it failed."""
         cfg: ResolvedStepConfig = node.config
@@ -794,7 +553,7 @@ class _Scheduler:
                 _capture.reset_buffer(capture_token)
             reset_step_context(token)
 
-    async def _fail(self, sr: StepRun, plan: _NodePlan, exc: BaseException) -> None:
+    async def _fail(self, sr: StepRun, plan: NodePlan, exc: BaseException) -> None:
         sr.status = StepStatus.FAILED
         sr.error = error_info(exc)
         sr.end_time = _utcnow()
@@ -846,7 +605,7 @@ class _Scheduler:
                 ) from None
 
     async def _call_body(
-        self, node: Node, plan: _NodePlan, kwargs: dict[str, Any], attempt: int,
+        self, node: Node, plan: NodePlan, kwargs: dict[str, Any], attempt: int,
     ) -> Any:
         cfg: ResolvedStepConfig = node.config
         step = node.step
@@ -920,7 +679,7 @@ class _Scheduler:
             ) from None
 
     async def _store_outputs(
-        self, node: Node, sr: StepRun, plan: _NodePlan, values: dict[str, Any],
+        self, node: Node, sr: StepRun, plan: NodePlan, values: dict[str, Any],
     ) -> dict[str, ArtifactVersion]:
         if not values:
             return {}
@@ -1087,6 +846,19 @@ async def execute(prep: PreparedRun, *, raise_on_failure: bool = True) -> Pipeli
     return run
 
 
+def mark_unstarted_stopped(run: PipelineRun) -> PipelineRun:
+    """A run cancelled before any step started: STOPPED, its steps SKIPPED."""
+    if run.status is RunStatus.RUNNING:
+        now = _utcnow()
+        run.status = RunStatus.STOPPED
+        run.end_time = now
+        for sr in run.steps.values():
+            if sr.status is StepStatus.PENDING:
+                sr.status = StepStatus.SKIPPED
+                sr.end_time = now
+    return run
+
+
 async def _create_run(store: MetadataStore, run: PipelineRun) -> None:
     """Record the run; a cancellation that arrives meanwhile lets the write finish and records
     the run STOPPED, so the store never keeps a RUNNING run nobody runs."""
@@ -1096,13 +868,7 @@ async def _create_run(store: MetadataStore, run: PipelineRun) -> None:
         await asyncio.shield(write)
     except asyncio.CancelledError:
         await asyncio.wait({write})
-        now = _utcnow()
-        run.status = RunStatus.STOPPED
-        run.end_time = now
-        for sr in run.steps.values():
-            if sr.status is StepStatus.PENDING:
-                sr.status = StepStatus.SKIPPED
-                sr.end_time = now
+        mark_unstarted_stopped(run)
         if not write.cancelled() and write.exception() is None:
             await _shielded(_finalize(store, run, list(run.steps.values())))
         raise
@@ -1144,142 +910,3 @@ async def _with_heartbeat(store: MetadataStore, run: PipelineRun, work: Any) -> 
             beater.cancel()
 
 
-class RunHandle:
-    """A run going on in the background.
-
-    `await handle` (or `await handle.wait()`) returns the `PipelineRun`; `await handle.cancel()`
-    stops it (the run ends STOPPED). From synchronous code, `.result(timeout)` blocks.
-    """
-
-    def __init__(
-        self,
-        prep: PreparedRun,
-        *,
-        task: asyncio.Task[PipelineRun] | None = None,
-        future: Any = None,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        self._prep = prep
-        self._task = task
-        self._future = future
-        self._loop = loop
-
-    @property
-    def run_name(self) -> str:
-        return self._prep.run.name
-
-    @property
-    def run_id(self) -> str:
-        return self._prep.run.id
-
-    @property
-    def run(self) -> PipelineRun:
-        """The live run record (its status and steps change while it runs)."""
-        return self._prep.run
-
-    @property
-    def status(self) -> RunStatus:
-        return self._prep.run.status
-
-    def done(self) -> bool:
-        if self._task is not None:
-            return self._task.done()
-        return bool(self._future.done())
-
-    def __repr__(self) -> str:
-        return f"<RunHandle {self.run_name} {self.status.value.upper()}>"
-
-    def __await__(self) -> Any:
-        return self.wait().__await__()
-
-    async def wait(self) -> PipelineRun:
-        """Wait for the run to end and return it (raises RunFailedError if a step failed)."""
-        if self._task is not None:
-            # Shield: cancelling the waiter must not cancel the run; use cancel() for that.
-            try:
-                return await asyncio.shield(self._task)
-            except asyncio.CancelledError:
-                if self._task.cancelled() and _current_task_not_cancelling():
-                    return self._stopped_before_start()
-                raise
-        return await asyncio.wrap_future(self._future)
-
-    def _stopped_before_start(self) -> PipelineRun:
-        # A run cancelled before its task first ran never started: nothing ran, nothing stored.
-        run = self._prep.run
-        if run.status is RunStatus.RUNNING:
-            now = _utcnow()
-            run.status = RunStatus.STOPPED
-            run.end_time = now
-            for sr in run.steps.values():
-                if sr.status is StepStatus.PENDING:
-                    sr.status = StepStatus.SKIPPED
-                    sr.end_time = now
-        return run
-
-    async def cancel(self) -> PipelineRun:
-        """Stop the run now; returns it once every step task has ended (status STOPPED)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task})
-            return self._stopped_before_start()
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._cancel_in_loop)
-        try:
-            await asyncio.wrap_future(self._future)
-        except (asyncio.CancelledError, RunFailedError):
-            pass
-        return self._prep.run
-
-    def _cancel_in_loop(self) -> None:
-        for task in asyncio.all_tasks(self._loop):
-            if task.get_name() == f"flowcore:run:{self.run_name}":
-                task.cancel()
-
-    def cancel_sync(self) -> None:
-        """Ask a run on another thread to stop (returns at once)."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._cancel_in_loop)
-        elif self._task is not None:
-            self._task.cancel()
-
-    def result(self, timeout: float | None = None) -> PipelineRun:
-        """Block until the run ends (synchronous code only) and return it."""
-        if self._future is None:
-            raise FlowcoreError(
-                f"run '{self.run_name}' runs on an event loop; use `await handle` instead"
-            )
-        import concurrent.futures
-
-        try:
-            result: PipelineRun = self._future.result(timeout)
-        except concurrent.futures.CancelledError:
-            return self._prep.run
-        return result
-
-
-def _current_task_not_cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is None or task.cancelling() == 0
-
-
-def start_background(prep: PreparedRun) -> RunHandle:
-    """Start a prepared run as a background task on the running loop."""
-
-    async def main() -> PipelineRun:
-        try:
-            return await execute(prep)
-        except asyncio.CancelledError:
-            if prep.run.status is RunStatus.STOPPED:
-                return prep.run
-            raise
-
-    task = asyncio.get_running_loop().create_task(main(), name=f"flowcore:run:{prep.run.name}")
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
-    return RunHandle(prep, task=task)
-
-
-# Strong references to background runs (the loop keeps only weak ones); each is owned by the
-# RunHandle returned to the caller, who awaits or cancels it.
-_BACKGROUND: set[asyncio.Task[PipelineRun]] = set()

@@ -7,7 +7,8 @@ from typing import Any
 
 from flowcore._compile import compile_graph, recording
 from flowcore._models import StepStatus
-from flowcore._runner import execute, prepare_run
+from flowcore._prepare import prepare_run
+from flowcore._runner import execute
 from flowcore._step import Step
 from flowcore.config import ExecutionMode
 from flowcore.exceptions import FlowcoreError

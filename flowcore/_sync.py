@@ -8,8 +8,10 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from flowcore._handles import RunHandle
 from flowcore._models import PipelineRun, RunStatus
-from flowcore._runner import PreparedRun, RunHandle, execute
+from flowcore._prepare import PreparedRun
+from flowcore._runner import execute
 from flowcore.stack import Stack
 
 __all__ = ["run_in_thread", "run_sync", "run_sync_with_stack"]
