@@ -57,7 +57,7 @@ _SYSTEM_CLOCK = SystemClock()
 class NodePlan:
     """Per-node things resolved once before the run starts (hooks, materializers, operator)."""
 
-    __slots__ = ("hooks", "materializers", "operator", "operator_settings", "tracker",
+    __slots__ = ("direct", "hooks", "materializers", "operator", "operator_settings", "tracker",
                  "tracker_settings")
 
     def __init__(self) -> None:
@@ -67,6 +67,8 @@ class NodePlan:
         self.tracker: Any = None
         self.operator_settings: Any = None
         self.tracker_settings: Any = None
+        # An async body awaited as it is: no operator, tracker or timeout around it.
+        self.direct = False
 
 
 _KNOWN_SETTINGS = frozenset({"step_operator", "experiment_tracker", "orchestrator", "alerter"})
@@ -199,6 +201,8 @@ def _bind_plans(graph: Graph, stack: Stack) -> list[NodePlan]:
                 flog.log(logging.WARNING, "settings_unused", pipeline=graph.pipeline_name,
                          step=node.id, key=setting,
                          reason="no stack component of this type uses it")
+        plan.direct = (plan.operator is None and plan.tracker is None and cfg.timeout is None
+                       and node.step.signature.is_async)
         plans.append(plan)
     return plans
 

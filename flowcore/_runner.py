@@ -492,9 +492,12 @@ class _Scheduler:
                     await self._call_hook(sr, hooks["on_start"])
                 started = self.clock.monotonic() if self.log_on else 0.0
                 try:
-                    if attempt == 1:
+                    if attempt == 1 and sig.checked_inputs:
                         self._check_inputs(node, kwargs)
-                    result = await self._call_body(node, plan, kwargs, attempt)
+                    if plan.direct:
+                        result = await node.step.func(**kwargs)
+                    else:
+                        result = await self._call_body(node, plan, kwargs, attempt)
                     values = self._split_outputs(node, result)
                     artifacts = (
                         await self._store_outputs(node, sr, plan, values) if values else {}
@@ -607,13 +610,9 @@ class _Scheduler:
     async def _call_body(
         self, node: Node, plan: NodePlan, kwargs: dict[str, Any], attempt: int,
     ) -> Any:
-        cfg: ResolvedStepConfig = node.config
         step = node.step
         operator = plan.operator
         tracker = plan.tracker
-        if operator is None and tracker is None and cfg.timeout is None and step.is_async:
-            # The hot path: an async body on the loop, nothing around it.
-            return await step.func(**kwargs)
         if operator is None:
             operator = self.prep.stack.local_operator
         func = step.func

@@ -64,6 +64,7 @@ class StepSignature:
     required: tuple[str, ...] = ()
     defaults: dict[str, Any] | None = None
     output_names: tuple[str, ...] = ()
+    checked_inputs: bool = False  # whether any input has a type check
 
 
 def _strip_annotated(tp: Any) -> tuple[Any, str | None]:
@@ -266,6 +267,7 @@ def inspect_step_function(func: Callable[..., Any], step_name: str) -> StepSigna
         required=tuple(s.name for s in inputs.values() if s.required),
         defaults={s.name: s.default for s in inputs.values() if s.default is not _EMPTY},
         output_names=tuple(o.name for o in outputs),
+        checked_inputs=any(spec.check is not None for spec in inputs.values()),
         inputs=inputs,
         outputs=outputs,
         multiple_outputs=tuple_len is not None and bool(outputs),
