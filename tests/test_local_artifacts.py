@@ -372,3 +372,21 @@ def test_four_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
         steps = db.execute("SELECT status, COUNT(*) FROM step_runs GROUP BY status").fetchall()
     assert runs == [("completed", 100)]
     assert steps == [("completed", 300)]
+
+
+async def test_content_deleted_behind_our_back_is_written_again(tmp_path: Path) -> None:
+    """After an artifact directory is deleted, saving the same small value writes it again
+    (the store's memory of stored digests does not outlive exists() saying it is gone)."""
+    import shutil
+
+    from flowcore.materializers import materializer_for
+
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    first = await store.save(41, materializer=materializer_for(int), data_type=int, name="output",
+                             producer_step_run_id="s1", step_label="step 's'")
+    shutil.rmtree(first.uri)
+    assert not store.exists(first)
+    second = await store.save(41, materializer=materializer_for(int), data_type=int,
+                              name="output", producer_step_run_id="s2", step_label="step 's'")
+    assert second.uri == first.uri and store.exists(second)
+    assert second.load() == 41

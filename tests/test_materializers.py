@@ -357,3 +357,24 @@ def test_type_from_name_finds_local_and_importable_types() -> None:
     assert type_from_name("collections.OrderedDict") is __import__("collections").OrderedDict
     assert type_from_name("no_such_module.Thing") is None
     assert type_from_name("tests.elsewhere.<locals>.Gone") is None
+
+
+@pytest.mark.parametrize("value", [None, True, 0, -3, 2.5, "héllo", [1, "a", None],
+                                   {"k": [1, 2]}, (1, 2), {3, 1, 2}, frozenset({"x"})])
+def test_in_memory_files_hash_like_the_written_directory(value: Any) -> None:
+    """A built-in materializer's files_for() gives the files save() writes, so the in-memory
+    hash equals the hash of the written artifact directory."""
+    from flowcore.materializers import content_hash_of, files_digest, materializer_for
+
+    materializer = materializer_for(type(value))
+    files = materializer.files_for(value)
+    assert files is not None
+    assert files_digest(files)[0] == content_hash_of(value, materializer, type(value))
+
+
+def test_values_json_cannot_hold_have_no_in_memory_files() -> None:
+    """files_for() declines what save() would refuse (so the store takes the slow path)."""
+    from flowcore.materializers import materializer_for
+
+    assert materializer_for(list).files_for([(1, 2)]) is None
+    assert materializer_for(dict).files_for({1: "a"}) is None

@@ -27,6 +27,7 @@ from flowcore.materializers._cloudpickle import CloudpickleMaterializer
 from flowcore.materializers._content import (
     content_hash_of,
     directory_digest,
+    files_digest,
     hash_directory,
     save_with_fallback,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "PydanticMaterializer",
     "content_hash_of",
     "directory_digest",
+    "files_digest",
     "hash_directory",
     "is_builtin_materializer",
     "materializer_for",

@@ -72,6 +72,15 @@ class Materializer:
         """
         raise NotImplementedError(f"{type(self).__qualname__} does not implement save()")
 
+    @classmethod
+    def files_for(cls, data: Any) -> dict[str, bytes] | None:
+        """The exact files `save` would write for `data` (name -> bytes), or None.
+
+        Optional: a materializer that can answer without I/O lets the artifact store hash
+        small values in memory and skip writing content it already has.
+        """
+        return None
+
     def load(self, data_type: type, uri: str) -> Any:
         """Read back the value `save` wrote into `uri`.
 

@@ -50,9 +50,14 @@ def _json_exact(value: Any) -> bool:
     return False
 
 
+def _json_bytes(payload: Any) -> bytes:
+    return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+
 def _write_json(uri: str, payload: Any) -> None:
-    with open(os.path.join(uri, _JSON_FILE), "w", encoding="utf-8") as f:
-        json.dump(payload, f, ensure_ascii=False)
+    # The same bytes as files_for() gives, so both paths produce one content hash.
+    with open(os.path.join(uri, _JSON_FILE), "wb") as f:
+        f.write(_json_bytes(payload))
 
 
 def _read_json(uri: str) -> Any:
@@ -73,6 +78,12 @@ class BuiltInMaterializer(Materializer, builtin=True):
         if type(data) not in _PRIMITIVES:  # a subclass (IntEnum, numpy.str_) would come back
             raise _refuse(data, "only exact None/bool/int/float/str")  # as its base type
         _write_json(uri, data)
+
+    @classmethod
+    def files_for(cls, data: Any) -> dict[str, bytes] | None:
+        if type(data) not in _PRIMITIVES:
+            return None
+        return {_JSON_FILE: _json_bytes(data)}
 
     def load(self, data_type: type, uri: str) -> Any:
         return _read_json(uri)
@@ -113,6 +124,17 @@ class BuiltInContainerMaterializer(Materializer, builtin=True):
     ASSOCIATED_TYPES = tuple(_CONTAINERS.values())
 
     def save(self, data: Any, uri: str) -> None:
+        _write_json(uri, self._document(data))
+
+    @classmethod
+    def files_for(cls, data: Any) -> dict[str, bytes] | None:
+        try:
+            return {_JSON_FILE: _json_bytes(cls._document(data))}
+        except MaterializerError:
+            return None
+
+    @staticmethod
+    def _document(data: Any) -> dict[str, Any]:
         kind = type(data).__name__
         if _CONTAINERS.get(kind) is not type(data):
             raise _refuse(data, "only exact list/dict/tuple/set/frozenset")
@@ -121,7 +143,7 @@ class BuiltInContainerMaterializer(Materializer, builtin=True):
             raise _refuse(data, "it holds values JSON cannot give back exactly")
         if kind in ("set", "frozenset"):
             items = sorted(items, key=_canonical)
-        _write_json(uri, {"kind": kind, "value": items})
+        return {"kind": kind, "value": items}
 
     def load(self, data_type: type, uri: str) -> Any:
         doc = _read_json(uri)

@@ -17,6 +17,7 @@ __all__ = [
     "RESERVED_PREFIX",
     "content_hash_of",
     "directory_digest",
+    "files_digest",
     "hash_directory",
     "save_with_fallback",
 ]
@@ -97,6 +98,28 @@ def _save_error(
     )
 
 
+def _digest_entry(digest: Any, rel: str, size: int) -> None:
+    encoded = rel.encode("utf-8", "surrogateescape")
+    # Length prefixes keep the stream unambiguous: no name/content boundary can shift.
+    digest.update(len(encoded).to_bytes(8, "big"))
+    digest.update(encoded)
+    digest.update(size.to_bytes(8, "big"))
+
+
+def files_digest(files: dict[str, bytes]) -> tuple[str, int]:
+    """What `directory_digest` gives for a directory holding exactly these files."""
+    digest = hashlib.sha256()
+    total = 0
+    for rel in sorted(files):
+        data = files[rel]
+        total += len(data)
+        if "/" not in rel and rel.startswith(RESERVED_PREFIX):
+            continue
+        _digest_entry(digest, rel, len(data))
+        digest.update(data)
+    return digest.hexdigest(), total
+
+
 def directory_digest(path: str) -> tuple[str, int]:
     """Return (`hash_directory(path)`, total size in bytes of every file under `path`)."""
     if not os.path.isdir(path):
@@ -114,11 +137,7 @@ def directory_digest(path: str) -> tuple[str, int]:
     files.sort()
     digest = hashlib.sha256()
     for rel, full, size in files:
-        encoded = rel.encode("utf-8", "surrogateescape")
-        # Length prefixes keep the stream unambiguous: no name/content boundary can shift.
-        digest.update(len(encoded).to_bytes(8, "big"))
-        digest.update(encoded)
-        digest.update(size.to_bytes(8, "big"))
+        _digest_entry(digest, rel, size)
         with open(full, "rb") as f:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)

@@ -21,6 +21,7 @@ from flowcore.materializers import (
     CloudpickleMaterializer,
     Materializer,
     directory_digest,
+    files_digest,
     remember_type,
     save_with_fallback,
     type_from_name,
@@ -32,6 +33,7 @@ __all__ = ["SIGNATURE_FILE", "LocalArtifactStore"]
 
 SIGNATURE_FILE = ".flowcore-signature"
 _KEY_BYTES = 32
+_INLINE_BYTES = 64 * 1024  # values up to this size are hashed in memory first
 
 
 class LocalArtifactStore(ArtifactStore):
@@ -57,6 +59,9 @@ class LocalArtifactStore(ArtifactStore):
         self.key_path = Path(key_path).absolute() if key_path else self.root.parent / "signing.key"
         self._key: bytes | None = None
         self._key_lock = threading.Lock()
+        # Digests this process has stored or seen stored (content-addressed: never changes,
+        # unless someone deletes it behind our back, which exists() reports on a cache hit).
+        self._known: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<LocalArtifactStore {self.root}>"
@@ -71,11 +76,22 @@ class LocalArtifactStore(ArtifactStore):
         producer_step_run_id: str,
         step_label: str,
     ) -> ArtifactVersion:
-        # Writing and hashing are blocking file I/O; a cancellation waits for the thread, so
-        # no half-written directory is left behind.
-        used, uri, digest, size = await anyio.to_thread.run_sync(
-            self._save_sync, value, materializer, step_label
-        )
+        files = materializer.files_for(value) if hasattr(materializer, "files_for") else None
+        if files is not None and sum(map(len, files.values())) <= _INLINE_BYTES:
+            # A small value whose files are known without I/O: hashed here, and written only
+            # when this content is not stored yet (equal outputs are common: None, 0, []).
+            digest, size = files_digest(files)
+            final = self.root / digest[:2] / digest
+            if digest not in self._known:
+                await anyio.to_thread.run_sync(self._publish_files, files, final)
+                self._known.add(digest)
+            used, uri = materializer, str(final)
+        else:
+            # Writing and hashing are blocking file I/O; a cancellation waits for the thread,
+            # so no half-written directory is left behind.
+            used, uri, digest, size = await anyio.to_thread.run_sync(
+                self._save_sync, value, materializer, step_label
+            )
         # Record the concrete type when the value is an instance of a subclass, so a loader
         # that rebuilds from the type (dataclasses, pydantic) rebuilds the right one.
         stored_type = type(value) if isinstance(data_type, type) and isinstance(
@@ -94,7 +110,11 @@ class LocalArtifactStore(ArtifactStore):
         return self.bind(artifact)
 
     def exists(self, artifact: ArtifactVersion) -> bool:
-        return os.path.isdir(artifact.uri)
+        if os.path.isdir(artifact.uri):
+            return True
+        # Deleted behind our back: the next save of this content must write it again.
+        self._known.discard(os.path.basename(artifact.uri))
+        return False
 
     def bind(self, artifact: ArtifactVersion) -> ArtifactVersion:
         # ArtifactVersion has no public setter for its loader; the store owns this attribute.
@@ -102,6 +122,29 @@ class LocalArtifactStore(ArtifactStore):
         return artifact
 
     # -- writing (runs in a worker thread) -------------------------------------------------
+
+    def _publish_files(self, files: dict[str, bytes], final: Path) -> None:
+        if final.is_dir():
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=".tmp-", dir=self.root)
+        except OSError as exc:
+            raise StoreError(f"cannot write artifacts under {self.root}: {exc}") from exc
+        try:
+            uri = os.path.join(staging, "artifact")
+            os.mkdir(uri)
+            for rel, data in files.items():
+                with open(os.path.join(uri, rel), "wb") as f:
+                    f.write(data)
+            final.parent.mkdir(exist_ok=True)
+            try:
+                os.rename(uri, final)  # atomic publish, as in _save_sync
+            except OSError:
+                if not final.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _save_sync(
         self, value: Any, materializer: type[Materializer], step_label: str
