@@ -49,7 +49,7 @@ async def test_concurrent_steps_capture_only_their_own_output(stack: Stack) -> N
         s = run.steps[f"s{i}"].logs or ""
         a = run.steps[f"a{i}"].logs or ""
         assert s.count("\n") == 21 and _own_lines(s, f"sync-{i}"), s
-        assert "WARNING user.capture: sync-%d warned" % i in s
+        assert f"WARNING user.capture: sync-{i} warned" in s
         assert a.count("\n") == 20 and _own_lines(a, f"async-{i}"), a
 
 
@@ -85,13 +85,13 @@ async def test_capture_can_be_turned_off_and_streams_are_restored(memory_stack: 
 
 async def test_prints_outside_steps_are_not_captured(memory_stack: Stack) -> None:
     """A print from another thread while a run is active goes to no step's log."""
-    done = threading.Event()
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
 
     @step(enable_cache=False)
     async def waiting() -> None:
         print("inside")
-        while not done.is_set():
-            await asyncio.sleep(0.01)
+        await done.wait()
 
     @pipeline
     def p() -> None:
@@ -99,7 +99,7 @@ async def test_prints_outside_steps_are_not_captured(memory_stack: Stack) -> Non
 
     def outsider() -> None:
         print("outsider")
-        done.set()
+        loop.call_soon_threadsafe(done.set)
 
     handle = p.submit()
     await asyncio.sleep(0.05)

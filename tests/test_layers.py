@@ -17,8 +17,8 @@ LAYERS: dict[str, int] = {
     "stores": 3, "materializers": 3, "_logging": 3, "_capture": 3, "_threads": 3, "stack._operators": 3,
     "stack._alerters": 3, "stack._trackers": 3, "stack._process_worker": 3,
     "_cache": 4, "_hooks": 4, "context": 4, "stack": 4, "stack._yaml": 4,
-    "_runner": 5, "_sync": 5, "_single": 5,
-    "__init__": 6, "client": 6, "hooks": 6, "testing": 6, "cli": 6,
+    "_runner": 5, "_prepare": 5, "_handles": 5, "_sync": 5, "_single": 5,
+    "__init__": 6, "client": 6, "hooks": 6, "testing": 6, "cli": 6, "_report": 6, "_progress": 6,
 }
 
 
@@ -94,7 +94,7 @@ def test_module_imports_only_lower_layers(module: str, path: Path) -> None:
 def test_pipeline_reaches_runner_only_lazily() -> None:
     """_pipeline.py imports the runner only inside functions (one late import in run())."""
     for target, lazy in imports_of(PKG / "_pipeline.py"):
-        if target in ("_runner", "_sync"):
+        if target in ("_runner", "_sync", "_prepare", "_handles"):
             assert lazy
 
 
@@ -102,4 +102,4 @@ def test_stores_and_graph_never_import_the_runner() -> None:
     """The graph and the stores never import the runner, even lazily."""
     for path in [PKG / "_graph.py", *sorted((PKG / "stores").glob("*.py"))]:
         for target, _ in imports_of(path):
-            assert target not in ("_runner", "_sync", "_single"), path
+            assert target not in ("_runner", "_sync", "_single", "_prepare", "_handles"), path

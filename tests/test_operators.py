@@ -272,20 +272,26 @@ def test_timeout_kills_the_worker_process(tmp_path: Path) -> None:
     worker that ran the body."""
     pid_file = tmp_path / "slow.pid"
 
-    @step(step_operator="proc", enable_cache=False, timeout=1.0)
+    @step(step_operator="proc", enable_cache=False, timeout=3.0)
     def too_slow(pid_file: str) -> int:
         with open(pid_file, "w") as f:
             f.write(str(os.getpid()))
         time.sleep(60)
         return 1
 
+    @step(step_operator="proc", enable_cache=False)
+    def warm_up() -> int:
+        return os.getpid()
+
     @pipeline
     def timing_out(pid_file: str) -> None:
-        too_slow(pid_file)
+        # The worker is started (which takes a while on a loaded machine) before the timed
+        # step, so the timeout measures the body, not the start-up.
+        too_slow(pid_file, after=[warm_up()])
 
     started = time.monotonic()
     with pytest.raises(RunFailedError) as info:
-        timing_out.with_options(stack=process_stack())(pid_file=str(pid_file))
+        timing_out.with_options(stack=process_stack(max_workers=1))(pid_file=str(pid_file))
     assert time.monotonic() - started < 30
     assert isinstance(info.value.__cause__, StepTimeoutError)
     assert wait_until_dead(int(wait_for_file(pid_file, 5)), timeout=10)

@@ -391,7 +391,9 @@ async def test_sync_step_timeout_is_retried(memory_stack: Stack) -> None:
     release = threading.Event()
     attempts: list[int] = []
 
-    @step(timeout=0.05, retry=StepRetryConfig(max_retries=1, delay=2))
+    # Generous: the body must have started in its worker thread before the timeout expires,
+    # even on a loaded machine.
+    @step(timeout=0.5, retry=StepRetryConfig(max_retries=1, delay=2))
     def blocking() -> int:
         attempts.append(get_step_context().step_run.attempt)
         release.wait(10)
