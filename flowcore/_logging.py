@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-__all__ = ["enabled", "log", "stdlib_logger"]
+__all__ = ["bind_step", "enabled", "log", "stdlib_logger"]
 
 stdlib_logger = logging.getLogger("flowcore")
 # The stdlib's advice for libraries: without a handler of the host's, events go nowhere
@@ -48,6 +48,12 @@ def log(level: int, event: str, **fields: Any) -> None:
     """Emit one structured event (callers check `enabled(level)` first on hot paths)."""
     if stdlib_logger.isEnabledFor(level):
         _logger.log(level, event, **fields)
+
+
+def bind_step(run: str, step: str, attempt: int) -> None:
+    """Bind run, step and attempt to the current task's (or thread's) structlog context, so
+    the host application's own structlog events from a step body carry them too."""
+    structlog.contextvars.bind_contextvars(run=run, step=step, attempt=attempt)
 
 
 def enable_console_logging(level: int = logging.INFO) -> None:

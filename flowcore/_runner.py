@@ -485,6 +485,9 @@ class _Scheduler:
                 sr.status = StepStatus.RUNNING
                 self._persist(sr)
                 if self.log_on:
+                    # Each step runs in a task (or thread) of its own context: binding here
+                    # never leaks into another step.
+                    flog.bind_step(run_name, sr.name, attempt)
                     flog.log(_INFO, "step_started", run=run_name, step=sr.name, attempt=attempt)
                 if events.listeners:
                     _emit(events.StepStarted(self.run.id, sr.name, attempt, _utcnow()))

@@ -18,7 +18,8 @@ LAYERS: dict[str, int] = {
     "stack._alerters": 3, "stack._trackers": 3, "stack._process_worker": 3,
     "_cache": 4, "_hooks": 4, "context": 4, "stack": 4, "stack._yaml": 4,
     "_runner": 5, "_prepare": 5, "_handles": 5, "_sync": 5, "_single": 5,
-    "__init__": 6, "__main__": 6, "client": 6, "hooks": 6, "testing": 6, "cli": 6, "_report": 6, "_progress": 6,
+    "__init__": 6, "__main__": 6, "client": 6, "hooks": 6, "testing": 6, "cli": 6,
+    "_report": 6, "_progress": 6,
 }
 
 

@@ -378,3 +378,30 @@ def test_values_json_cannot_hold_have_no_in_memory_files() -> None:
 
     assert materializer_for(list).files_for([(1, 2)]) is None
     assert materializer_for(dict).files_for({1: "a"}) is None
+
+
+def test_a_materializer_may_create_its_directory_itself(tmp_path: Path) -> None:
+    """A user materializer that creates its artifact directory with os.mkdir works too."""
+    from flowcore.materializers import Materializer, save_with_fallback
+
+    class Box:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+    class MkdirMaterializer(Materializer):
+        ASSOCIATED_TYPES = (Box,)
+
+        def save(self, data: Any, uri: str) -> None:
+            os.mkdir(uri)
+            with open(os.path.join(uri, "box.txt"), "w") as f:
+                f.write(data.text)
+
+        def load(self, data_type: type, uri: str) -> Any:
+            with open(os.path.join(uri, "box.txt")) as f:
+                return Box(f.read())
+
+    uri = tmp_path / "artifact"
+    uri.mkdir()
+    used = save_with_fallback(Box("hi"), MkdirMaterializer, str(uri), label="step 's'")
+    assert used is MkdirMaterializer
+    assert MkdirMaterializer().load(Box, str(uri)).text == "hi"

@@ -21,6 +21,7 @@ from flowcore import (
     RunFailedError,
     RunNameConflictError,
     RunStatus,
+    Stack,
     StepContextError,
     StepInputError,
     StepRetryConfig,
@@ -894,3 +895,28 @@ def test_single_steps_without_stack_sync_call(memory_stack, monkeypatch):
     assert add(1, 2) == 3
     assert add("a", "b") == "ab"
     assert hooks == []
+
+
+async def test_structlog_events_inside_a_step_carry_run_step_and_attempt(
+    memory_stack: Stack, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With flowcore logging on, a step body's own structlog context holds run, step and
+    attempt (bound per task, so concurrent steps keep their own)."""
+    import structlog
+
+    seen: dict[str, dict[str, object]] = {}
+
+    @step(enable_cache=False)
+    async def look(tag: str) -> None:
+        await asyncio.sleep(0.01)
+        seen[tag] = dict(structlog.contextvars.get_contextvars())
+
+    @pipeline
+    def two() -> None:
+        look("a", step_name="first")
+        look("b", step_name="second")
+
+    with caplog.at_level(logging.INFO, logger="flowcore"):
+        run = await two.run()
+    assert seen["a"] == {"run": run.name, "step": "first", "attempt": 1}
+    assert seen["b"] == {"run": run.name, "step": "second", "attempt": 1}

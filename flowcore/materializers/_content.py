@@ -59,7 +59,7 @@ def save_with_fallback(
     """
     where = label or "artifact"
     try:
-        materializer().save(value, uri)
+        _save_into(materializer, value, uri)
         return materializer
     except Exception as exc:
         if not is_builtin_materializer(materializer) or issubclass(
@@ -81,6 +81,19 @@ def save_with_fallback(
             label, materializer.__qualname__, _qualname(type(value)), first_error,
         )
     return CloudpickleMaterializer
+
+
+def _save_into(materializer: type[Materializer], value: Any, uri: str) -> None:
+    """`materializer().save(value, uri)` with `uri` an existing empty directory; a materializer
+    that creates the directory itself (`os.mkdir(uri)`) gets it absent instead."""
+    try:
+        materializer().save(value, uri)
+    except FileExistsError as exc:
+        if os.path.abspath(str(exc.filename or "")) != os.path.abspath(uri) or os.listdir(uri):
+            raise
+        os.rmdir(uri)
+        materializer().save(value, uri)
+        os.makedirs(uri, exist_ok=True)
 
 
 def _save_error(
