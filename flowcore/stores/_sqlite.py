@@ -136,6 +136,8 @@ class SqliteMetadataStore(MetadataStore):
         self._beats: dict[str, datetime] = {}  # run id -> last heartbeat written
         self._wake: asyncio.Event | None = None  # set when record_step_run queued a write
         self._lost: list[BaseException] = []  # failed writes nobody awaited
+        # Step-run writes queued and not yet taken by a commit, by step run id.
+        self._queued_steps: dict[str, _Pending] = {}
 
     def __repr__(self) -> str:
         return f"<SqliteMetadataStore {self.path} {'open' if self._db else 'closed'}>"
@@ -221,13 +223,24 @@ class SqliteMetadataStore(MetadataStore):
 
     # -- group commit -----------------------------------------------------------------------
 
-    async def _write(self, write: Callable[[sqlite3.Connection], T]) -> T:
-        """Queue a write; the first writer to find no commit in flight commits the queue."""
+    async def _write(self, write: Callable[[sqlite3.Connection], T], step_key: str = "") -> T:
+        """Queue a write; the first writer to find no commit in flight commits the queue.
+
+        A step-run write (`step_key` set) replaces the same step run's queued, unawaited write
+        that no commit has taken yet: it carries the newer state, so a step that starts and
+        ends between two commits costs one row write, not two.
+        """
         await self._connection()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_mark_retrieved)
-        pending = _Pending(write, future)
-        self._queue.append(pending)
+        queued = self._queued_steps.get(step_key) if step_key else None
+        if queued is not None and queued.future is None and not queued.submitted:
+            queued.write = write
+            queued.future = future
+            pending = queued
+        else:
+            pending = _Pending(write, future)
+            self._queue.append(pending)
         try:
             if self._session is None:
                 await self._commit_queued()
@@ -237,6 +250,8 @@ class SqliteMetadataStore(MetadataStore):
         except asyncio.CancelledError:
             if not pending.submitted and pending in self._queue:
                 self._queue.remove(pending)  # it never reached the database
+                if step_key and self._queued_steps.get(step_key) is pending:
+                    del self._queued_steps[step_key]
             raise
 
     async def _commit_queued(self) -> None:
@@ -252,6 +267,7 @@ class SqliteMetadataStore(MetadataStore):
                     continue
                 for pending in batch:
                     pending.submitted = True
+                self._queued_steps.clear()
                 db = self._db
                 try:
                     if db is None:
@@ -300,7 +316,7 @@ class SqliteMetadataStore(MetadataStore):
             self._beats.pop(run.id, None)
 
     async def update_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
-        await self._write(self._step_write(run, step_run))
+        await self._write(self._step_write(run, step_run), step_run.id)
 
     def _step_write(self, run: PipelineRun, step_run: StepRun) -> Callable[[sqlite3.Connection], None]:
         now = _now()
@@ -313,7 +329,14 @@ class SqliteMetadataStore(MetadataStore):
         return ops.upsert_step_run(run, step_run, now, beat=beat)
 
     def record_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
-        self._queue.append(_Pending(self._step_write(run, step_run), None))
+        write = self._step_write(run, step_run)
+        queued = self._queued_steps.get(step_run.id)
+        if queued is not None and not queued.submitted:
+            queued.write = write  # newer state of the same step run (see _write)
+            return
+        pending = _Pending(write, None)
+        self._queue.append(pending)
+        self._queued_steps[step_run.id] = pending
         if self._wake is not None:
             self._wake.set()
 
