@@ -541,3 +541,33 @@ def test_dask_fail_fast_cancels_the_dask_future(
         time.sleep(0.1)
         tasks = scheduler_tasks(dask_cluster)
     assert tasks == {}
+
+
+@step(step_operator="dask", enable_cache=False)
+def dask_square_or_fail(i: int) -> int:
+    if i % 7 == 3:
+        raise ValueError(f"element {i} refuses")
+    time.sleep(0.001 * (i % 5))
+    return i * i
+
+
+@pipeline
+def dask_many() -> None:
+    for i in range(40):
+        dask_square_or_fail(i, step_name=f"sq{i}")
+
+
+def test_dask_results_fetched_in_batches_reach_their_own_steps(dask_stack: Stack) -> None:
+    """Forty concurrent Dask steps (their results fetched in shared batches, the function sent
+    to the workers once) each get their own value, and the failing ones their own error."""
+    with pytest.raises(RunFailedError) as info:
+        dask_many.with_options(stack=dask_stack)()
+    run = info.value.run
+    assert run is not None
+    for i in range(40):
+        sr = run.steps[f"sq{i}"]
+        if i % 7 == 3:
+            assert sr.status is StepStatus.FAILED
+            assert sr.error is not None and f"element {i} refuses" in sr.error.message
+        else:
+            assert sr.status is StepStatus.COMPLETED and sr.output.load() == i * i

@@ -217,6 +217,100 @@ async def _await_result(awaitable: Any) -> Any:
     return await awaitable
 
 
+class _ResultBatcher:
+    """Fetches the results of finished Dask futures in batches.
+
+    `await future` costs one scheduler round trip per step; here a step whose task finished
+    joins a queue, and one waiter (whoever finds no fetch in flight) gathers the whole queue
+    in one round trip, again and again until it is empty — the shape of the SQLite group
+    commit, with no background task. A fetcher that is cancelled hands the queue back, and
+    the next waiter takes over.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._queue: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._fetching: asyncio.Future[None] | None = None
+        # Step functions sent to every worker once (as Dask data), instead of pickled into
+        # each task: id(func) -> (func, its Dask future), func kept alive so ids stay unique.
+        self._functions: dict[int, tuple[Any, asyncio.Future[Any]]] = {}
+
+    async def shipped(self, func: Callable[..., Any]) -> Any:
+        """A Dask future holding `func` on the workers (scattered once per function)."""
+        entry = self._functions.get(id(func))
+        if entry is not None:
+            return await entry[1]
+        # The first step of this function scatters it; the others wait for that.
+        ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._functions[id(func)] = (func, ready)
+        try:
+            scattered = await self._client.scatter(func, broadcast=True, hash=False)
+        except BaseException as exc:
+            # Cancelled, or not scatterable: this time the function travels with the task.
+            del self._functions[id(func)]
+            ready.set_result(func)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return func
+        ready.set_result(scattered)
+        return scattered
+
+    async def result(self, future: Any) -> Any:
+        import distributed
+
+        await distributed.wait([future])  # type: ignore[no-untyped-call]
+        if future.status != "finished":
+            return await future  # the step's own error, or its cancellation
+        mine: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        entry = (future, mine)
+        self._queue.append(entry)
+        try:
+            while not mine.done():
+                if self._fetching is None:
+                    await self._fetch_all()
+                else:
+                    await asyncio.wait([mine, self._fetching],
+                                       return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            if entry in self._queue:
+                self._queue.remove(entry)
+            raise
+        return mine.result()
+
+    async def _fetch_all(self) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._fetching = done
+        batch: list[tuple[Any, asyncio.Future[Any]]] = []
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    results = await self._client.gather([f for f, _ in batch])
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # Fetch them one by one, so each step gets its own outcome.
+                    for f, waiter in batch:
+                        try:
+                            value = await f
+                        except Exception as exc:
+                            if not waiter.done():
+                                waiter.set_exception(exc)
+                        else:
+                            if not waiter.done():
+                                waiter.set_result(value)
+                else:
+                    for (_, waiter), value in zip(batch, results, strict=True):
+                        if not waiter.done():
+                            waiter.set_result(value)
+                batch = []
+        finally:
+            # Cancelled mid-fetch: what was taken goes back for the next fetcher.
+            self._queue[:0] = [e for e in batch if not e[1].done()]
+            self._fetching = None
+            done.set_result(None)
+
+
 class DaskStepOperator(StepOperator):
     """Runs step bodies on a Dask cluster through `distributed.Client(asynchronous=True)`.
 
@@ -239,6 +333,7 @@ class DaskStepOperator(StepOperator):
         self.processes = processes
         self.threads_per_worker = threads_per_worker
         self._clients: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._batchers: dict[asyncio.AbstractEventLoop, _ResultBatcher] = {}
         self._clusters: dict[asyncio.AbstractEventLoop, Any] = {}
         self._lock: asyncio.Lock | None = None
 
@@ -278,6 +373,7 @@ class DaskStepOperator(StepOperator):
                 client = await distributed.Client(  # type: ignore[no-untyped-call]
                     self.address, asynchronous=True)
             self._clients[loop] = client
+            self._batchers[loop] = _ResultBatcher(client)
             return client
 
     async def start(self) -> None:
@@ -297,9 +393,13 @@ class DaskStepOperator(StepOperator):
             if settings.resources:
                 options["resources"] = settings.resources
             options["priority"] = settings.priority
-        future = client.submit(_dask_call, func, kwargs, is_async, **options)
+        batcher = self._batchers.get(asyncio.get_running_loop())
+        shipped = await batcher.shipped(func) if batcher is not None else func
+        future = client.submit(_dask_call, shipped, kwargs, is_async, **options)
         try:
-            return await future
+            if batcher is None:
+                return await future
+            return await batcher.result(future)
         except asyncio.CancelledError:
             await asyncio.shield(future.cancel())
             raise
@@ -307,6 +407,7 @@ class DaskStepOperator(StepOperator):
     async def stop(self) -> None:
         loop = asyncio.get_running_loop()
         client = self._clients.pop(loop, None)
+        self._batchers.pop(loop, None)
         if client is not None:
             await client.close()
         cluster = self._clusters.pop(loop, None)
