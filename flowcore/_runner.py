@@ -101,6 +101,7 @@ class _Scheduler:
         self.consumers_left = list(graph.data_consumers)
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.started: set[int] = set()
+        self.index = {n.id: n.index for n in graph.nodes}
         self.tracker_locks: dict[int, asyncio.Lock] = {}
         self.mode = prep.mode
         self.stopping = False
@@ -230,7 +231,7 @@ class _Scheduler:
     # -- one invocation --------------------------------------------------------------------
 
     async def _resolve(self, ref: OutputRef) -> Any:
-        idx = self.graph[ref.node_id].index
+        idx = self.index[ref.node_id]
         values = self.values[idx]
         if values is None:
             arts = self.artifacts[idx]
@@ -255,8 +256,15 @@ class _Scheduler:
 
     async def _inputs(self, node: Node) -> dict[str, Any]:
         kwargs = dict(node.constants)
+        values = self.values
+        index = self.index
         for key, ref in node.direct_refs:
-            kwargs[key] = await self._resolve(ref)
+            # The common case without an await: the upstream value is in memory.
+            held = values[index[ref.node_id]]
+            value = held.get(ref.output, _Lazy) if held is not None else _Lazy
+            if value is _Lazy or type(value) is _Lazy:
+                value = await self._resolve(ref)
+            kwargs[key] = value
         for key, template in node.nested_refs:
             kwargs[key] = await self._resolve_nested(template)
         return kwargs
