@@ -920,3 +920,26 @@ async def test_structlog_events_inside_a_step_carry_run_step_and_attempt(
         run = await two.run()
     assert seen["a"] == {"run": run.name, "step": "first", "attempt": 1}
     assert seen["b"] == {"run": run.name, "step": "second", "attempt": 1}
+
+
+async def test_an_output_nothing_can_store_fails_the_step_on_both_stacks(stack: Stack) -> None:
+    """Returning a threading.Lock fails the step with MaterializerError (the cause of
+    RunFailedError) on the in-memory stack as on the SQLite one."""
+    import threading
+
+    from flowcore import MaterializerError
+
+    @step(enable_cache=False)
+    def locked() -> object:
+        return threading.Lock()
+
+    @pipeline
+    def unstorable() -> None:
+        locked()
+
+    with pytest.raises(RunFailedError) as info:
+        await unstorable.run()
+    assert isinstance(info.value.__cause__, MaterializerError)
+    assert "locked" in str(info.value.__cause__)
+    assert info.value.run is not None
+    assert info.value.run.steps["locked"].status is StepStatus.FAILED

@@ -7,7 +7,13 @@ from typing import Any
 
 from flowcore._canonical import CacheKeyError, canonical_digest
 from flowcore._models import ArtifactVersion, PipelineRun, RunStatus, StepRun, StepStatus
-from flowcore.exceptions import ArtifactLoadError, RunNameConflictError, RunNotFoundError
+from flowcore._threads import run_in_worker_thread
+from flowcore.exceptions import (
+    ArtifactLoadError,
+    MaterializerError,
+    RunNameConflictError,
+    RunNotFoundError,
+)
 from flowcore.stores._base import ArtifactStore, MetadataStore
 
 __all__ = ["InMemoryArtifactStore", "InMemoryMetadataStore"]
@@ -121,6 +127,19 @@ def _name(cls: type) -> str:
     return name
 
 
+def _check_picklable(value: Any, step_label: str) -> None:
+    import cloudpickle
+
+    try:
+        cloudpickle.dumps(value)
+    except Exception as exc:
+        raise MaterializerError(
+            f"{step_label}: no materializer can store a value of type "
+            f"{type(value).__qualname__}: cloudpickle failed with {type(exc).__name__}: {exc}; "
+            "return a picklable value or give the output a materializer (output_materializers=...)"
+        ) from exc
+
+
 def _hash_in_memory(artifact: ArtifactVersion) -> str:
     """The content hash of a value kept in memory: its canonical form when it has one (fast,
     no I/O), else what its materializer writes."""
@@ -147,6 +166,10 @@ class InMemoryArtifactStore(ArtifactStore):
         producer_step_run_id: str,
         step_label: str,
     ) -> ArtifactVersion:
+        if materializer.__name__ == "CloudpickleMaterializer":
+            # Kept by reference, but refused like on a durable stack when nothing could store
+            # it (a threading.Lock): the same pipeline must not pass here and fail there.
+            await run_in_worker_thread(_check_picklable, value, step_label)
         art_id = f"{producer_step_run_id}.{name}"
         return ArtifactVersion(
             id=art_id,
