@@ -518,3 +518,32 @@ async def test_a_version_1_database_migrates_forward_keeping_its_runs(tmp_path: 
             LATEST_VERSION)
         assert db.execute(
             "SELECT name FROM sqlite_master WHERE name = 'step_logs'").fetchone() is not None
+
+
+async def test_concurrent_cache_lookups_are_answered_together(tmp_path: Path) -> None:
+    """Many find_cached calls at once (a fully cached run) each get their own answer, hits
+    and misses alike, from batched queries."""
+    import asyncio
+
+    from flowcore._models import ArtifactVersion, StepStatus
+
+    store = SqliteMetadataStore(tmp_path / "flowcore.db", LocalArtifactStore(tmp_path / "a"))
+    run = make_run("cached-src")
+    await store.create_run(run)
+    for i, sr in enumerate(list(run.steps.values())):
+        sr.status = StepStatus.COMPLETED
+        sr.cache_key = f"key-{i}"
+        sr.outputs = {"output": ArtifactVersion(
+            id=f"art-{i}", name="output", uri=str(tmp_path / f"u{i}"),
+            materializer="m", data_type="builtins.int", content_hash=f"h{i}")}
+        await store.update_step_run(run, sr)
+    n = len(run.steps)
+    keys = [f"key-{i}" for i in range(n)] + ["missing-1", "missing-2"]
+    answers = await asyncio.gather(*(store.find_cached(k) for k in keys * 20))
+    for key, hit in zip(keys * 20, answers, strict=True):
+        if key.startswith("missing"):
+            assert hit is None
+        else:
+            assert hit is not None and hit.cache_key == key
+            assert hit.outputs["output"].id == f"art-{key.split('-')[1]}"
+    await store.close()

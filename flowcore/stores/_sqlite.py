@@ -136,6 +136,8 @@ class SqliteMetadataStore(MetadataStore):
         self._beats: dict[str, datetime] = {}  # run id -> last heartbeat written
         self._wake: asyncio.Event | None = None  # set when record_step_run queued a write
         self._lost: list[BaseException] = []  # failed writes nobody awaited
+        self._lookups: list[tuple[str, asyncio.Future[StepRun | None]]] = []
+        self._looking_up: asyncio.Future[None] | None = None  # set while a lookup query runs
         # Step-run writes queued and not yet taken by a commit, by step run id.
         self._queued_steps: dict[str, _Pending] = {}
 
@@ -393,10 +395,51 @@ class SqliteMetadataStore(MetadataStore):
         return self.artifact_store.bind(artifact)
 
     async def find_cached(self, cache_key: str) -> StepRun | None:
-        step_run = await self._read(partial(ops.find_cached, cache_key=cache_key))
-        if step_run is not None:
-            self._bind_step(step_run)
-        return step_run
+        # Lookups that arrive while one is in flight are answered together by the next query
+        # (a fully cached run asks for every step at once): one thread hop for many steps.
+        mine: asyncio.Future[StepRun | None] = asyncio.get_running_loop().create_future()
+        entry = (cache_key, mine)
+        self._lookups.append(entry)
+        try:
+            while not mine.done():
+                if self._looking_up is None:
+                    await self._lookup_queued()
+                else:
+                    pending: list[asyncio.Future[Any]] = [mine, self._looking_up]
+                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            if entry in self._lookups:
+                self._lookups.remove(entry)
+            raise
+        return mine.result()
+
+    async def _lookup_queued(self) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._looking_up = done
+        batch: list[tuple[str, asyncio.Future[StepRun | None]]] = []
+        try:
+            while self._lookups:
+                batch, self._lookups = self._lookups, []
+                keys = list(dict.fromkeys(key for key, _ in batch))
+                try:
+                    found = await self._read(partial(ops.find_cached_many, cache_keys=keys))
+                except Exception as exc:
+                    for _, waiter in batch:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                    batch = []
+                    continue
+                for step_run in found.values():
+                    self._bind_step(step_run)
+                for key, waiter in batch:
+                    if not waiter.done():
+                        waiter.set_result(found.get(key))
+                batch = []
+        finally:
+            # Cancelled mid-query: the taken lookups go back for the next waiter to answer.
+            self._lookups[:0] = [e for e in batch if not e[1].done()]
+            self._looking_up = None
+            done.set_result(None)
 
     async def delete_run(self, name_or_id: str) -> None:
         await self._write(partial(ops.delete_run, name_or_id=name_or_id))

@@ -370,6 +370,29 @@ def read_step_logs(db: sqlite3.Connection, step_run_id: str) -> str:
     return str(row["text"]) if row is not None else ""
 
 
+def find_cached_many(db: sqlite3.Connection, cache_keys: list[str]) -> dict[str, StepRun]:
+    """The COMPLETED step runs indexed under each of `cache_keys` (missing keys are absent)."""
+    found: dict[str, StepRun] = {}
+    columns = ", ".join("s." + c.strip() for c in _STEP_COLUMNS.split(","))
+    for start in range(0, len(cache_keys), 500):  # SQLite's bound-parameter limit
+        chunk = cache_keys[start:start + 500]
+        marks = ", ".join("?" * len(chunk))
+        rows = db.execute(
+            f"SELECT c.cache_key AS cache_key_found, {columns} "
+            "FROM cache_entries c JOIN step_runs s ON s.id = c.step_run_id "
+            f"WHERE c.cache_key IN ({marks}) AND s.status = ?",
+            (*chunk, StepStatus.COMPLETED.value),
+        ).fetchall()
+        steps = {}
+        for row in rows:
+            sr = _step_from_row(row)
+            found[row["cache_key_found"]] = sr
+            steps[sr.id] = sr
+        if steps:
+            _attach_outputs(db, steps, ", ".join("?" * len(steps)), steps)
+    return found
+
+
 def find_cached(db: sqlite3.Connection, cache_key: str) -> StepRun | None:
     """The COMPLETED step run indexed under `cache_key`, with its outputs, or None."""
     row = db.execute(
