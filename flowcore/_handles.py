@@ -101,13 +101,6 @@ class RunHandle:
             if task.get_name() == f"flowcore:run:{self.run_name}":
                 task.cancel()
 
-    def cancel_sync(self) -> None:
-        """Ask a run on another thread to stop (returns at once)."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._cancel_in_loop)
-        elif self._task is not None:
-            self._task.cancel()
-
     def result(self, timeout: float | None = None) -> PipelineRun:
         """Block until the run ends (synchronous code only) and return it."""
         if self._future is None:

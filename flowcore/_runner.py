@@ -395,7 +395,7 @@ class _Scheduler:
             esr = StepRun(id=uuid.uuid4().hex, name=eid, step_name=node.step.name,
                           pipeline_run_id=self.run.id,
                           config=StepRunConfig(
-                              parameters={**sr.config.parameters, **_plain(elements[k])},
+                              parameters={**sr.config.parameters, **elements[k]},
                               enable_cache=sr.config.enable_cache,
                               step_operator=sr.config.step_operator,
                               experiment_tracker=sr.config.experiment_tracker,
@@ -758,10 +758,6 @@ def _element_key(element: dict[str, Any]) -> Any:
 
         return {k: content_hash_of(v, materializer_for(type(v)), type(v))
                 for k, v in element.items()}
-
-
-def _plain(element: dict[str, Any]) -> dict[str, Any]:
-    return dict(element)
 
 
 def _combine(node: Node, values: list[Any]) -> Any:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -299,8 +298,3 @@ def _outputs_from(ret: Any, tuple_len: int | None, has_value_return: bool) -> tu
     if ret is _EMPTY:
         return (OutputSpec("output", Any, None),)
     return (OutputSpec(name or "output", plain, _make_check(plain)),)
-
-
-def is_none_annotation(tp: Any) -> bool:
-    """Whether an annotation means "no value"."""
-    return tp is None or tp is type(None) or tp is types.NoneType
