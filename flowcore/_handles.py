@@ -10,7 +10,7 @@ from flowcore._models import (
     RunStatus,
 )
 from flowcore._prepare import PreparedRun
-from flowcore._runner import execute, mark_unstarted_stopped
+from flowcore._runner import execute_in_background, mark_unstarted_stopped
 from flowcore.exceptions import (
     FlowcoreError,
     RunFailedError,
@@ -124,15 +124,8 @@ def _current_task_not_cancelling() -> bool:
 def start_background(prep: PreparedRun) -> RunHandle:
     """Start a prepared run as a background task on the running loop."""
 
-    async def main() -> PipelineRun:
-        try:
-            return await execute(prep)
-        except asyncio.CancelledError:
-            if prep.run.status is RunStatus.STOPPED:
-                return prep.run
-            raise
-
-    task = asyncio.get_running_loop().create_task(main(), name=f"flowcore:run:{prep.run.name}")
+    task = asyncio.get_running_loop().create_task(
+        execute_in_background(prep), name=f"flowcore:run:{prep.run.name}")
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)
     return RunHandle(prep, task=task)

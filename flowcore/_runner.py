@@ -46,7 +46,7 @@ from flowcore.exceptions import (
 )
 from flowcore.stores._base import MetadataStore
 
-__all__ = ["error_info", "execute", "mark_unstarted_stopped"]
+__all__ = ["error_info", "execute", "execute_in_background", "mark_unstarted_stopped"]
 
 _INFO = logging.INFO
 _utcnow = utcnow
@@ -850,6 +850,17 @@ async def execute(prep: PreparedRun, *, raise_on_failure: bool = True) -> Pipeli
         )
         raise err from sched.first_error
     return run
+
+
+async def execute_in_background(prep: PreparedRun) -> PipelineRun:
+    """`execute` for a run a RunHandle owns: the handle's cancel() stops the run, which then
+    ends STOPPED and is returned instead of the cancellation."""
+    try:
+        return await execute(prep)
+    except asyncio.CancelledError:
+        if prep.run.status is RunStatus.STOPPED:
+            return prep.run
+        raise
 
 
 def mark_unstarted_stopped(run: PipelineRun) -> PipelineRun:

@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from flowcore._handles import RunHandle
-from flowcore._models import PipelineRun, RunStatus
+from flowcore._models import PipelineRun
 from flowcore._prepare import PreparedRun
-from flowcore._runner import execute
+from flowcore._runner import execute, execute_in_background
 from flowcore.stack import Stack
 
 __all__ = ["run_in_thread", "run_sync", "run_sync_with_stack"]
@@ -49,11 +49,7 @@ def run_in_thread(prep: PreparedRun) -> RunHandle:
         task.set_name(f"flowcore:run:{prep.run.name}")
         started.set()
         try:
-            return await execute(prep)
-        except asyncio.CancelledError:
-            if prep.run.status is RunStatus.STOPPED:
-                return prep.run
-            raise
+            return await execute_in_background(prep)
         finally:
             await asyncio.shield(prep.stack.close())
 

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from flowcore._batching import Coalescer
 from flowcore._threads import run_in_worker_thread
 from flowcore.exceptions import ConfigError, FlowcoreError
 
@@ -220,17 +221,15 @@ async def _await_result(awaitable: Any) -> Any:
 class _ResultBatcher:
     """Fetches the results of finished Dask futures in batches.
 
-    `await future` costs one scheduler round trip per step; here a step whose task finished
-    joins a queue, and one waiter (whoever finds no fetch in flight) gathers the whole queue
-    in one round trip, again and again until it is empty — the shape of the SQLite group
-    commit, with no background task. A fetcher that is cancelled hands the queue back, and
-    the next waiter takes over.
+    `await future` costs one scheduler round trip per step; here the results of the steps
+    that finished while one fetch was in flight are gathered together by the next
+    (`flowcore._batching.Coalescer`: no background task). Each step function is also sent
+    to the workers once (scattered) instead of pickled into every task.
     """
 
     def __init__(self, client: Any) -> None:
         self._client = client
-        self._queue: list[tuple[Any, asyncio.Future[Any]]] = []
-        self._fetching: asyncio.Future[None] | None = None
+        self._fetch: Coalescer[Any, Any] = Coalescer(self._gather)
         # Step functions sent to every worker once (as Dask data), instead of pickled into
         # each task: id(func) -> (func, its Dask future), func kept alive so ids stay unique.
         self._functions: dict[int, tuple[Any, asyncio.Future[Any]]] = {}
@@ -261,54 +260,22 @@ class _ResultBatcher:
         await distributed.wait([future])  # type: ignore[no-untyped-call]
         if future.status != "finished":
             return await future  # the step's own error, or its cancellation
-        mine: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        entry = (future, mine)
-        self._queue.append(entry)
-        try:
-            while not mine.done():
-                if self._fetching is None:
-                    await self._fetch_all()
-                else:
-                    await asyncio.wait([mine, self._fetching],
-                                       return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            if entry in self._queue:
-                self._queue.remove(entry)
-            raise
-        return mine.result()
+        return await self._fetch(future)
 
-    async def _fetch_all(self) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._fetching = done
-        batch: list[tuple[Any, asyncio.Future[Any]]] = []
+    async def _gather(self, futures: list[Any]) -> list[Any]:
         try:
-            while self._queue:
-                batch, self._queue = self._queue, []
+            return list(await self._client.gather(futures))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Fetch them one by one, so each step gets its own outcome.
+            outcomes: list[Any] = []
+            for f in futures:
                 try:
-                    results = await self._client.gather([f for f, _ in batch])
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    # Fetch them one by one, so each step gets its own outcome.
-                    for f, waiter in batch:
-                        try:
-                            value = await f
-                        except Exception as exc:
-                            if not waiter.done():
-                                waiter.set_exception(exc)
-                        else:
-                            if not waiter.done():
-                                waiter.set_result(value)
-                else:
-                    for (_, waiter), value in zip(batch, results, strict=True):
-                        if not waiter.done():
-                            waiter.set_result(value)
-                batch = []
-        finally:
-            # Cancelled mid-fetch: what was taken goes back for the next fetcher.
-            self._queue[:0] = [e for e in batch if not e[1].done()]
-            self._fetching = None
-            done.set_result(None)
+                    outcomes.append(await f)
+                except Exception as exc:
+                    outcomes.append(exc)
+            return outcomes
 
 
 class DaskStepOperator(StepOperator):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +125,10 @@ class LocalArtifactStore(ArtifactStore):
 
     # -- writing (runs in a worker thread) -------------------------------------------------
 
-    def _publish_files(self, files: dict[str, bytes], final: Path) -> None:
-        if final.is_dir():
-            return
+    @contextlib.contextmanager
+    def _staging(self) -> Iterator[str]:
+        """An empty directory to fill, next to the artifacts (so publishing is a rename);
+        removed afterwards with whatever is left in it."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             staging = tempfile.mkdtemp(prefix=".tmp-", dir=self.root)
@@ -134,50 +137,48 @@ class LocalArtifactStore(ArtifactStore):
         try:
             uri = os.path.join(staging, "artifact")
             os.mkdir(uri)
+            yield uri
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @staticmethod
+    def _publish(uri: str, final: Path) -> bool:
+        """Rename a filled staging directory to its content address; False if equal content
+        was already there (stored by us earlier, or by a racing writer)."""
+        final.parent.mkdir(exist_ok=True)
+        try:
+            # Atomic publish: readers see the whole directory or none of it.
+            os.rename(uri, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            return False
+        return True
+
+    def _publish_files(self, files: dict[str, bytes], final: Path) -> None:
+        if final.is_dir():
+            return
+        with self._staging() as uri:
             for rel, data in files.items():
                 with open(os.path.join(uri, rel), "wb") as f:
                     f.write(data)
-            final.parent.mkdir(exist_ok=True)
-            try:
-                os.rename(uri, final)  # atomic publish, as in _save_sync
-            except OSError:
-                if not final.is_dir():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            self._publish(uri, final)
 
     def _save_sync(
         self, value: Any, materializer: type[Materializer], step_label: str
     ) -> tuple[type[Materializer], str, str, int]:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            staging = tempfile.mkdtemp(prefix=".tmp-", dir=self.root)
-        except OSError as exc:
-            raise StoreError(f"cannot write artifacts under {self.root}: {exc}") from exc
-        try:
-            uri = os.path.join(staging, "artifact")
-            os.mkdir(uri)
+        with self._staging() as uri:
             used = save_with_fallback(value, materializer, uri, label=step_label)
             signed = issubclass(used, CloudpickleMaterializer)
             if signed:
                 self._sign(uri)
             digest, size = directory_digest(uri)
             final = self.root / digest[:2] / digest
-            final.parent.mkdir(exist_ok=True)
-            try:
-                # Atomic publish: readers see the whole directory or none of it.
-                os.rename(uri, final)
-            except OSError:
-                if not final.is_dir():
-                    raise
-                # Equal content is already stored (by us earlier, or by a racing writer).
-                # Its signature may come from an older key: put ours, made from our own
-                # bytes, in its place.
-                if signed:
-                    os.replace(os.path.join(uri, SIGNATURE_FILE), final / SIGNATURE_FILE)
+            if not self._publish(uri, final) and signed:
+                # The stored copy's signature may come from an older key: put ours, made
+                # from our own bytes, in its place.
+                os.replace(os.path.join(uri, SIGNATURE_FILE), final / SIGNATURE_FILE)
             return used, str(final), digest, size
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def _sign(self, uri: str) -> None:
         with open(os.path.join(uri, PICKLE_FILE), "rb") as f:

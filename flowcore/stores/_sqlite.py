@@ -17,6 +17,7 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 import anyio.to_thread
 
+from flowcore._batching import Coalescer
 from flowcore._models import ArtifactVersion, PipelineRun, RunStatus, StepRun
 from flowcore.exceptions import StoreError
 from flowcore.stores import _sqlite_ops as ops
@@ -136,8 +137,7 @@ class SqliteMetadataStore(MetadataStore):
         self._beats: dict[str, datetime] = {}  # run id -> last heartbeat written
         self._wake: asyncio.Event | None = None  # set when record_step_run queued a write
         self._lost: list[BaseException] = []  # failed writes nobody awaited
-        self._lookups: list[tuple[str, asyncio.Future[StepRun | None]]] = []
-        self._looking_up: asyncio.Future[None] | None = None  # set while a lookup query runs
+        self._lookups: Coalescer[str, StepRun | None] = Coalescer(self._find_cached_many)
         # Step-run writes queued and not yet taken by a commit, by step run id.
         self._queued_steps: dict[str, _Pending] = {}
 
@@ -397,49 +397,13 @@ class SqliteMetadataStore(MetadataStore):
     async def find_cached(self, cache_key: str) -> StepRun | None:
         # Lookups that arrive while one is in flight are answered together by the next query
         # (a fully cached run asks for every step at once): one thread hop for many steps.
-        mine: asyncio.Future[StepRun | None] = asyncio.get_running_loop().create_future()
-        entry = (cache_key, mine)
-        self._lookups.append(entry)
-        try:
-            while not mine.done():
-                if self._looking_up is None:
-                    await self._lookup_queued()
-                else:
-                    pending: list[asyncio.Future[Any]] = [mine, self._looking_up]
-                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            if entry in self._lookups:
-                self._lookups.remove(entry)
-            raise
-        return mine.result()
+        return await self._lookups(cache_key)
 
-    async def _lookup_queued(self) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._looking_up = done
-        batch: list[tuple[str, asyncio.Future[StepRun | None]]] = []
-        try:
-            while self._lookups:
-                batch, self._lookups = self._lookups, []
-                keys = list(dict.fromkeys(key for key, _ in batch))
-                try:
-                    found = await self._read(partial(ops.find_cached_many, cache_keys=keys))
-                except Exception as exc:
-                    for _, waiter in batch:
-                        if not waiter.done():
-                            waiter.set_exception(exc)
-                    batch = []
-                    continue
-                for step_run in found.values():
-                    self._bind_step(step_run)
-                for key, waiter in batch:
-                    if not waiter.done():
-                        waiter.set_result(found.get(key))
-                batch = []
-        finally:
-            # Cancelled mid-query: the taken lookups go back for the next waiter to answer.
-            self._lookups[:0] = [e for e in batch if not e[1].done()]
-            self._looking_up = None
-            done.set_result(None)
+    async def _find_cached_many(self, keys: list[str]) -> list[Any]:
+        found = await self._read(partial(ops.find_cached_many, cache_keys=list(dict.fromkeys(keys))))
+        for step_run in found.values():
+            self._bind_step(step_run)
+        return [found.get(key) for key in keys]
 
     async def delete_run(self, name_or_id: str) -> None:
         await self._write(partial(ops.delete_run, name_or_id=name_or_id))
