@@ -368,3 +368,36 @@ async def test_stop_on_failure_immediate_failure_starts_no_sibling(memory_stack:
     assert t.started == ["one", "two"]
     assert run.steps["three"].status is S
     assert run.steps["four"].status is S
+
+
+def test_sync_call_returns_at_once_when_fail_fast_abandons_sync_bodies(memory_stack: Stack) -> None:
+    """A plain `p()` with FAIL_FAST returns right after the failure even though a sibling sync
+    body still sleeps in its worker thread (flowcore's threads are not joined by the loop)."""
+    import time as _time
+
+    release = threading.Event()
+
+    @step(enable_cache=False)
+    def sleeper() -> None:
+        release.wait(20)
+
+    @step(enable_cache=False)
+    def failing() -> None:
+        _time.sleep(0.2)
+        raise RuntimeError("boom")
+
+    @pipeline(execution_mode=ExecutionMode.FAIL_FAST)
+    def abandon() -> None:
+        sleeper()
+        failing()
+
+    started = _time.monotonic()
+    try:
+        with pytest.raises(RunFailedError) as info:
+            abandon()
+        elapsed = _time.monotonic() - started
+    finally:
+        release.set()
+    assert elapsed < 10, elapsed
+    assert info.value.run is not None
+    assert info.value.run.steps["sleeper"].status is StepStatus.STOPPED
