@@ -500,3 +500,39 @@ async def test_stored_runs_keep_each_steps_upstream_invocations(stack: Stack) ->
     stored = await AsyncClient().get_pipeline_run(run.id)
     assert {n: set(s.upstream) for n, s in stored.steps.items()} == {
         "first": set(), "second": {"first"}, "third": {"first", "second"}}
+
+
+def test_inside_a_step_the_client_uses_the_runs_own_stack() -> None:
+    """A run given its stack with with_options(stack=...) (not the active one): inside its
+    steps and hooks, Client().active_stack is that stack, so the seed's alerter hook works."""
+    from flowcore.stack import Alerter
+
+    class Recorder(Alerter):
+        def __init__(self) -> None:
+            self.messages: list[str] = []
+
+        def post(self, message: str, params: dict[str, Any] | None = None) -> bool:
+            self.messages.append(message)
+            return True
+
+    recorder = Recorder()
+    own = Stack.in_memory().with_components(alerter=recorder)
+    seen: list[Stack] = []
+
+    def on_failure(step_name: str) -> None:
+        Client().active_stack.alerter.post(f"{step_name} just failed!")  # type: ignore[union-attr]
+
+    @step(enable_cache=False, on_failure=on_failure)
+    def flaky() -> None:
+        seen.append(Client().active_stack)
+        raise RuntimeError("nope")
+
+    @pipeline
+    def alerting() -> None:
+        flaky()
+
+    with pytest.raises(RunFailedError):
+        alerting.with_options(stack=own)()
+    assert seen == [own]
+    assert recorder.messages == ["flaky just failed!"]
+    assert Client().active_stack is not own
