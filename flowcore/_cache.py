@@ -25,13 +25,9 @@ _NON_OUTPUT_SETTINGS = frozenset({"orchestrator", "step_operator", "experiment_t
                                   "docker", "resources"})
 
 
-_static_parts: dict[int, tuple[Node, str]] = {}
-
-
 def _static_digest(node: Node, materializers: Mapping[str, type[Any]]) -> str:
-    entry = _static_parts.get(id(node))
-    if entry is not None and entry[0] is node:
-        return entry[1]
+    if node.static_digest is not None:
+        return node.static_digest
     cfg = node.config
     settings = {k: v for k, v in cfg.settings.items()
                 if k.split(".", 1)[0] not in _NON_OUTPUT_SETTINGS}
@@ -51,9 +47,8 @@ def _static_digest(node: Node, materializers: Mapping[str, type[Any]]) -> str:
                                                    node.map_spec.product],
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-    if len(_static_parts) > 100_000:
-        _static_parts.clear()
-    _static_parts[id(node)] = (node, digest)
+    # Kept on the node, so it lives exactly as long as the graph (no process-wide memo).
+    node.static_digest = digest
     return digest
 
 

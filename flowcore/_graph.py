@@ -53,6 +53,8 @@ class Node:
     constants: Mapping[str, Any] = field(default_factory=dict)
     direct_refs: tuple[tuple[str, OutputRef], ...] = ()
     nested_refs: tuple[tuple[str, Any], ...] = ()
+    # The parameter-independent part of the cache key, computed on first use (see _cache).
+    static_digest: str | None = None
 
     @property
     def name(self) -> str:
