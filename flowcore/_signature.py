@@ -10,14 +10,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, get_args, get_origin
 
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 __all__ = ["InputSpec", "OutputSpec", "StepSignature", "inspect_step_function"]
 
 _EMPTY = inspect.Parameter.empty
-_ADAPTER_CONFIG = ConfigDict(arbitrary_types_allowed=True, strict=True)
+# Inputs are validated in pydantic's default (lax) mode, as ZenML does: "3" becomes 3 for an
+# int. Outputs stay strict: a step's own return value is not silently converted.
+_LAX_CONFIG = ConfigDict(arbitrary_types_allowed=True)
+_STRICT_CONFIG = ConfigDict(arbitrary_types_allowed=True, strict=True)
+# Builtins pydantic converts from other types in lax mode; any other class is an isinstance test.
+_CONVERTIBLE = frozenset({int, float, complex, str, bytes, bool, list, tuple, dict, set, frozenset})
 
-Checker = Callable[[Any], None]
+# Takes a value and returns it validated (converted for a lax input check), or raises
+# TypeError/ValueError.
+Checker = Callable[[Any], Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,45 +81,88 @@ def _strip_annotated(tp: Any) -> tuple[Any, str | None]:
     return tp, None
 
 
-def _make_check(tp: Any) -> Checker | None:
-    """A callable raising ValueError/TypeError when a value does not match `tp`; None for Any."""
+def _adapter(tp: Any, config: ConfigDict) -> TypeAdapter[Any] | None:
+    try:
+        return TypeAdapter(tp, config=config)
+    except Exception:
+        pass
+    try:
+        # Models, dataclasses and TypedDicts refuse a config of their own.
+        return TypeAdapter(tp)
+    except Exception:
+        return None
+
+
+def _make_check(tp: Any, *, lax: bool = False) -> Checker | None:
+    """A callable returning the validated value or raising TypeError/ValueError; None for Any.
+
+    `lax` converts as pydantic's default mode does (inputs); otherwise values must already
+    match (outputs).
+    """
     if tp is Any or tp is _EMPTY or tp is object or isinstance(tp, typing.TypeVar):
         return None
     if tp is None or tp is type(None):
-        def check_none(value: Any) -> None:
+        def check_none(value: Any) -> Any:
             if value is not None:
                 raise TypeError(f"expected None, got {type(value).__name__}")
+            return value
         return check_none
-    # Plain classes other than the ones pydantic treats specially get a bare isinstance check:
-    # it is exact, cheap and never converts the value.
-    if isinstance(tp, type) and tp not in (float, complex) and get_origin(tp) is None:
-        if tp is int:
-            def check_int(value: Any) -> None:
-                if type(value) is bool or not isinstance(value, int):
-                    raise TypeError(f"expected int, got {type(value).__name__}")
-            return check_int
-
-        def check_instance(value: Any) -> None:
-            if not isinstance(value, tp):
-                raise TypeError(f"expected {tp.__qualname__}, got {type(value).__name__}")
-        return check_instance
-    try:
-        adapter: TypeAdapter[Any] = TypeAdapter(tp, config=_ADAPTER_CONFIG)
-    except Exception:
+    if isinstance(tp, type) and get_origin(tp) is None:
+        return _class_check(tp, lax)
+    adapter = _adapter(tp, _LAX_CONFIG if lax else _STRICT_CONFIG)
+    if adapter is None:
         origin = get_origin(tp)
         if isinstance(origin, type):
-            def check_origin(value: Any) -> None:
+            def check_origin(value: Any) -> Any:
                 if not isinstance(value, origin):
                     raise TypeError(f"expected {origin.__qualname__}, got {type(value).__name__}")
+                return value
             return check_origin
         return None
 
-    def check_adapter(value: Any) -> None:
+    def check_adapter(value: Any) -> Any:
         try:
-            adapter.validate_python(value)
+            return adapter.validate_python(value)
         except ValidationError as exc:
             raise TypeError(_short_validation(exc, tp)) from None
     return check_adapter
+
+
+def _class_check(tp: type, lax: bool) -> Checker:
+    """A check for a plain class: an exact-type fast path, pydantic only when it may convert."""
+    if not lax and tp is not float and tp is not complex:
+        if tp is int:
+            def check_int(value: Any) -> Any:
+                if type(value) is bool or not isinstance(value, int):
+                    raise TypeError(f"expected int, got {type(value).__name__}")
+                return value
+            return check_int
+
+        def check_instance(value: Any) -> Any:
+            if not isinstance(value, tp):
+                raise TypeError(f"expected {tp.__qualname__}, got {type(value).__name__}")
+            return value
+        return check_instance
+
+    convertible = tp in _CONVERTIBLE or issubclass(tp, BaseModel)
+    # Built on first conversion, not at decoration: most values already have the exact type.
+    adapter: list[TypeAdapter[Any] | None] = []
+
+    def check_class(value: Any) -> Any:
+        if type(value) is tp or (not convertible and isinstance(value, tp)):
+            return value
+        if not adapter:
+            adapter.append(_adapter(tp, _LAX_CONFIG if lax else _STRICT_CONFIG))
+        built = adapter[0]
+        if built is None:
+            if isinstance(value, tp):
+                return value
+            raise TypeError(f"expected {tp.__qualname__}, got {type(value).__name__}")
+        try:
+            return built.validate_python(value)
+        except ValidationError as exc:
+            raise TypeError(_short_validation(exc, tp)) from None
+    return check_class
 
 
 def _short_validation(exc: ValidationError, tp: Any) -> str:
@@ -247,7 +297,7 @@ def inspect_step_function(func: Callable[..., Any], step_name: str) -> StepSigna
         plain, _ = _strip_annotated(ann)
         check = None
         if param.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-            check = _make_check(plain)
+            check = _make_check(plain, lax=True)
         inputs[name] = InputSpec(name, plain, param.default, param.kind, check)
 
     raw_source = _function_source(func)
