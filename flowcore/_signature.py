@@ -12,6 +12,8 @@ from typing import Annotated, Any, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
+from flowcore.exceptions import PipelineDefinitionError
+
 __all__ = ["InputSpec", "OutputSpec", "StepSignature", "inspect_step_function"]
 
 _EMPTY = inspect.Parameter.empty
@@ -71,6 +73,9 @@ class StepSignature:
     defaults: dict[str, Any] | None = None
     output_names: tuple[str, ...] = ()
     checked_inputs: bool = False  # whether any input has a type check
+    # False when an annotation could not be evaluated yet (a forward reference): the step
+    # inspects again on first use instead of keeping Any for it.
+    resolved: bool = True
 
 
 def _strip_annotated(tp: Any) -> tuple[Any, str | None]:
@@ -262,27 +267,34 @@ def resolve_annotations(func: Callable[..., Any]) -> dict[str, Any]:
     """The function's annotations, evaluated one by one: an annotation that cannot be resolved
     (a TYPE_CHECKING-only import under postponed evaluation) becomes Any instead of hiding the
     others."""
+    return _resolve(func)[0]
+
+
+def _resolve(func: Callable[..., Any]) -> tuple[dict[str, Any], bool]:
+    """(annotations, whether every one of them resolved)."""
     try:
-        return typing.get_type_hints(func, include_extras=True)
+        return typing.get_type_hints(func, include_extras=True), True
     except Exception:
         pass
     raw = dict(getattr(func, "__annotations__", {}) or {})
     namespace = {**vars(typing), **getattr(func, "__globals__", {})}
     out: dict[str, Any] = {}
+    complete = True
     for name, ann in raw.items():
         if isinstance(ann, str):
             try:
                 ann = eval(ann, namespace)  # as typing.get_type_hints does
             except Exception:
                 ann = Any
+                complete = False
         out[name] = ann
-    return out
+    return out, complete
 
 
 def inspect_step_function(func: Callable[..., Any], step_name: str) -> StepSignature:
     """Inspect a step function once; the result drives binding, checks and output naming."""
     sig = inspect.signature(func)
-    hints = resolve_annotations(func)
+    hints, resolved = _resolve(func)
     missing: list[str] = []
     inputs: dict[str, InputSpec] = {}
     has_var_keyword = False
@@ -306,7 +318,13 @@ def inspect_step_function(func: Callable[..., Any], step_name: str) -> StepSigna
     ret = hints.get("return", _EMPTY)
     if ret is _EMPTY:
         missing.append("return")
-    outputs = _outputs_from(ret, tuple_len, has_value_return)
+    outputs, multiple = _outputs_from(ret, tuple_len, has_value_return)
+    names = [o.name for o in outputs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise PipelineDefinitionError(
+            f"step '{step_name}': two outputs are named '{dup}'; give each output its own name"
+        )
     positional = tuple(
         s.name for s in inputs.values()
         if s.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -319,24 +337,32 @@ def inspect_step_function(func: Callable[..., Any], step_name: str) -> StepSigna
         checked_inputs=any(spec.check is not None for spec in inputs.values()),
         inputs=inputs,
         outputs=outputs,
-        multiple_outputs=tuple_len is not None and bool(outputs),
+        multiple_outputs=multiple,
         is_async=inspect.iscoroutinefunction(func),
         has_var_keyword=has_var_keyword,
         missing_annotations=tuple(missing),
         source=source,
+        resolved=resolved,
     )
 
 
-def _outputs_from(ret: Any, tuple_len: int | None, has_value_return: bool) -> tuple[OutputSpec, ...]:
+def _outputs_from(
+    ret: Any, tuple_len: int | None, has_value_return: bool
+) -> tuple[tuple[OutputSpec, ...], bool]:
+    """(the outputs, whether there are several) of a return annotation and the returns."""
     plain, name = _strip_annotated(ret)
     if plain is None or plain is type(None) or (ret is _EMPTY and not has_value_return):
-        return ()
-    if tuple_len is not None:
-        # Every return is a tuple literal: several outputs, typed by a tuple[...] annotation.
+        return (), False
+    # Tuple literals mean several outputs only when nothing says otherwise: no annotation or a
+    # tuple[...] one. `Annotated[list, "out"]` or `Annotated[tuple[...], "pair"]` is one output.
+    tuple_annotated = name is None and get_origin(plain) is tuple
+    if tuple_len is not None and (ret is _EMPTY or tuple_annotated):
         elems: list[Any] = []
-        if get_origin(plain) is tuple:
+        if tuple_annotated:
             args = get_args(plain)
-            if not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) == 2 and args[1] is Ellipsis:
+                elems = [args[0]] * tuple_len
+            else:
                 elems = list(args)
         count = len(elems) if elems else tuple_len
         specs = []
@@ -344,7 +370,7 @@ def _outputs_from(ret: Any, tuple_len: int | None, has_value_return: bool) -> tu
             elem = elems[i] if i < len(elems) else Any
             elem_plain, elem_name = _strip_annotated(elem)
             specs.append(OutputSpec(elem_name or f"output_{i}", elem_plain, _make_check(elem_plain)))
-        return tuple(specs)
+        return tuple(specs), True
     if ret is _EMPTY:
-        return (OutputSpec("output", Any, None),)
-    return (OutputSpec(name or "output", plain, _make_check(plain)),)
+        return (OutputSpec("output", Any, None),), False
+    return (OutputSpec(name or "output", plain, _make_check(plain)),), False

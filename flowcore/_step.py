@@ -92,12 +92,16 @@ class Step:
         self.func = func
         self.name: str = opts.pop("name", None) or getattr(func, "__name__", "step")
         self._options = opts
-        self._signature: StepSignature | None = None
         functools.update_wrapper(self, func)
+        # Inspected now, so a definition error (two outputs of one name) is raised at `@step`.
+        # An annotation naming a class not defined yet is resolved again on first use.
+        self._signature: StepSignature | None = inspect_step_function(func, self.name)
+        if not self._signature.resolved:
+            self._signature = None
 
     @property
     def signature(self) -> StepSignature:
-        """Inputs and outputs, inspected once on first use."""
+        """Inputs and outputs, inspected once."""
         if self._signature is None:
             self._signature = inspect_step_function(self.func, self.name)
         return self._signature

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 
-from flowcore import RunFailedError, StepInputError, pipeline, step
+from flowcore import (
+    OutputHandle,
+    PipelineDefinitionError,
+    RunFailedError,
+    StepInputError,
+    StepOutputError,
+    pipeline,
+    step,
+)
 from flowcore.client import Client
 
 # -- §12.14 lax input validation --------------------------------------------------------------
@@ -111,3 +119,90 @@ async def test_unconvertible_input_is_step_input_error(memory_stack: Any, bad: A
 def listed_runs() -> list[Any]:
     """Every run recorded on the active stack."""
     return list(Client().list_pipeline_runs())
+
+
+# -- §12.15 the tuple-literal rule ------------------------------------------------------------
+
+
+def test_tuple_literal_with_non_tuple_annotation_is_one_output() -> None:
+    """`-> Annotated[list, "out"]` returning `1, 2, 3` has one output "out" checked against list."""
+
+    @step
+    def listy() -> Annotated[list, "out"]:  # type: ignore[type-arg]
+        return 1, 2, 3  # type: ignore[return-value]
+
+    sig = listy.signature
+    assert sig.output_names == ("out",)
+    assert not sig.multiple_outputs
+    check = sig.outputs[0].check
+    assert check is not None
+    with pytest.raises(TypeError):
+        check((1, 2, 3))
+
+
+def test_tuple_literal_with_named_tuple_annotation_is_one_output() -> None:
+    """`-> Annotated[tuple[int, int], "pair"]` returning `1, 2` is one output named "pair"."""
+
+    @step
+    def pair() -> Annotated[tuple[int, int], "pair"]:
+        return 1, 2
+
+    assert pair.signature.output_names == ("pair",)
+    assert not pair.signature.multiple_outputs
+
+
+def test_tuple_literal_without_or_with_tuple_annotation_is_several_outputs() -> None:
+    """No annotation, `tuple[...]` and `tuple[int, ...]` keep the tuple-literal rule."""
+
+    @step
+    def bare():  # type: ignore[no-untyped-def]
+        return 1, 2
+
+    @step
+    def typed() -> tuple[int, Annotated[str, "word"]]:
+        return 1, "a"
+
+    @step
+    def variadic() -> tuple[int, ...]:
+        return 1, 2, 3
+
+    assert bare.signature.output_names == ("output_0", "output_1")
+    assert typed.signature.output_names == ("output_0", "word")
+    assert variadic.signature.output_names == ("output_0", "output_1", "output_2")
+    assert all(s.annotation is int for s in variadic.signature.outputs)
+
+
+async def test_non_tuple_annotation_output_fails_at_run_time(memory_stack: Any) -> None:
+    """The single output of `-> Annotated[list, "out"]` returning a tuple is a StepOutputError."""
+
+    @step(enable_cache=False)
+    def listy() -> Annotated[list, "out"]:  # type: ignore[type-arg]
+        return 1, 2, 3  # type: ignore[return-value]
+
+    handles: list[Any] = []
+
+    @pipeline(enable_cache=False)
+    def p() -> None:
+        handles.append(listy())
+
+    with pytest.raises(RunFailedError) as info:
+        await p.run()
+    assert isinstance(handles[0], OutputHandle) and handles[0].output_name == "out"
+    assert isinstance(info.value.__cause__, StepOutputError)
+    assert "'out'" in str(info.value.__cause__)
+
+
+def test_two_outputs_with_one_name_is_a_definition_error_at_decoration() -> None:
+    """Two outputs named alike are a PipelineDefinitionError raised by `@step` itself."""
+    with pytest.raises(PipelineDefinitionError) as info:
+
+        @step
+        def twins() -> tuple[Annotated[int, "x"], Annotated[int, "x"]]:
+            return 1, 2
+
+    assert "twins" in str(info.value) and "'x'" in str(info.value)
+    with pytest.raises(PipelineDefinitionError):
+
+        @step
+        def clash() -> tuple[Annotated[int, "output_1"], int]:
+            return 1, 2
