@@ -15,28 +15,9 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from flowcore import _events as events
+from flowcore._runview import count_statuses, format_counts, format_duration, status_icon, status_style
 
 __all__ = ["Progress", "progress"]
-
-_FINISHED = frozenset({"completed", "cached", "failed", "skipped", "stopped"})
-_STYLES = {
-    "pending": "dim", "running": "magenta", "retrying": "yellow", "completed": "green",
-    "cached": "blue", "failed": "bold red", "skipped": "dim", "stopped": "bright_black",
-}
-_ICONS = {
-    "pending": "·", "running": "", "retrying": "↻", "completed": "✔", "cached": "●",
-    "failed": "✖", "skipped": "–", "stopped": "■",
-}
-
-
-def _seconds(value: float) -> str:
-    if value < 1:
-        return f"{value:.3f}s"
-    if value < 60:
-        return f"{value:.2f}s"
-    minutes, secs = divmod(round(value), 60)
-    return f"{minutes}m {secs:02d}s"
-
 
 def _clock(at: datetime) -> str:
     return at.astimezone().strftime("%H:%M:%S")
@@ -79,8 +60,6 @@ class _RunState:
         return state
 
     def summary(self) -> str:
-        from flowcore._report import count_statuses, format_counts
-
         return format_counts(count_statuses(s.status for s in self.steps.values()))
 
 
@@ -175,7 +154,7 @@ class Progress:
                     return
                 if isinstance(event, events.RunFinished):
                     run_state.status, run_state.ended = event.status, event.at
-                    took = _seconds((event.at - run_state.started).total_seconds())
+                    took = format_duration((event.at - run_state.started).total_seconds())
                     self._line(event.at, f"run {run_state.name} {event.status} in {took}: "
                                f"{run_state.summary()}")
                     finished = all(r.status is not None for r in self._runs.values())
@@ -205,13 +184,13 @@ class Progress:
             s.status, s.error = "retrying", event.error
             s.retry_at = event.at if event.delay <= 0 else _after(event.at, event.delay)
             self._line(event.at, f"{prefix}{s.name}: attempt {event.attempt} failed "
-                       f"({event.error}), retrying in {_seconds(event.delay)}")
+                       f"({event.error}), retrying in {format_duration(event.delay)}")
         elif isinstance(event, events.StepFinished):
             s = run.step(event.step)
             s.status, s.ended, s.error, s.retry_at = event.status, event.at, event.error, None
             s.attempt = event.attempts or s.attempt
             if event.status == "completed" and s.started is not None:
-                tail = f" in {_seconds((event.at - s.started).total_seconds())}"
+                tail = f" in {format_duration((event.at - s.started).total_seconds())}"
                 if event.attempts > 1:
                     tail += f" after {event.attempts} attempts"
             elif event.status == "failed":
@@ -268,8 +247,8 @@ class Progress:
         status = run.status or "running"
         elapsed = ((run.ended or now) - run.started).total_seconds()
         heading = rich.text.Text.assemble(
-            (run.name, "bold"), "  ", (status, _STYLES.get(status, "")),
-            f"  {_seconds(elapsed)}", (f"  pipeline {run.pipeline}", "dim"))
+            (run.name, "bold"), "  ", (status, status_style(status)),
+            f"  {format_duration(elapsed)}", (f"  pipeline {run.pipeline}", "dim"))
         table = rich.table.Table(expand=False, show_edge=False, pad_edge=False, box=None,
                                  header_style="dim")
         table.add_column("", width=2)
@@ -288,13 +267,13 @@ class Progress:
             hidden = len(drop)
             steps = [s for s in steps if id(s) not in drop]
         for s in steps:
-            style = _STYLES.get(s.status, "")
-            icon: Any = rich.text.Text(_ICONS.get(s.status, ""), style=style)
+            style = status_style(s.status)
+            icon: Any = rich.text.Text(status_icon(s.status), style=style)
             if s.status == "running":
                 icon = rich.spinner.Spinner("dots", style=style)
             took = ""
             if s.started is not None and s.status != "cached":
-                took = _seconds(((s.ended or now) - s.started).total_seconds())
+                took = format_duration(((s.ended or now) - s.started).total_seconds())
             note = ""
             if s.status == "retrying" and s.retry_at is not None:
                 left = max((s.retry_at - now).total_seconds(), 0.0)

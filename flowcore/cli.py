@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from flowcore._models import PipelineRun, RunStatus, StepRun, StepStatus
-from flowcore._report import count_statuses, format_counts, format_duration, ordered_steps
+from flowcore._report import ordered_steps
+from flowcore._runview import (
+    count_statuses,
+    error_line,
+    format_counts,
+    format_duration,
+    shorten,
+    status_style,
+)
 from flowcore.exceptions import (
     ConfigError,
     FlowcoreError,
@@ -43,11 +51,6 @@ from flowcore.exceptions import (
 __all__ = ["UsageError", "main"]
 
 PROG = "flowcore"
-_STATUS_STYLES = {
-    "completed": "green", "cached": "blue", "failed": "bold red", "retrying": "yellow",
-    "running": "magenta", "stopped": "bright_black", "skipped": "dim", "pending": "dim",
-    "crashed": "bold red",
-}
 
 
 class UsageError(FlowcoreError):
@@ -113,8 +116,7 @@ class _Out:
                 if status_col is not None:
                     from rich.text import Text
 
-                    cells[status_col] = Text(row[status_col],
-                                             style=_STATUS_STYLES.get(row[status_col], ""))
+                    cells[status_col] = Text(row[status_col], style=status_style(row[status_col]))
                 table.add_row(*cells)
             self.console.print(table)
             return
@@ -160,11 +162,7 @@ def _counts_text(run: PipelineRun) -> str:
 
 
 def _error_summary(step_run: StepRun, limit: int = 80) -> str:
-    if step_run.error is None:
-        return ""
-    lines = (step_run.error.message or "").strip().splitlines()
-    text = f"{step_run.error.type}: {lines[0]}" if lines else step_run.error.type
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shorten(error_line(step_run), limit)
 
 
 def _step_json(s: StepRun) -> dict[str, Any]:
@@ -245,7 +243,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         ("run", run.name), ("pipeline", run.pipeline_name), ("status", run.status.value),
         ("started", _local(run.start_time)), ("ended", _local(run.end_time)),
         ("duration", format_duration(_run_duration(run))), ("steps", _counts_text(run)),
-    ], styles={"status": _STATUS_STYLES.get(run.status.value, "")})
+    ], styles={"status": status_style(run.status.value)})
     out.line()
     rows = [[s.name, s.status.value, str(s.attempts), format_duration(s.duration),
              "yes" if s.status is StepStatus.CACHED else "no", _error_summary(s)]

@@ -19,14 +19,13 @@ import pytest
 from flowcore import Client, PipelineRun, RunStatus, Stack, StepRun, StepStatus
 from flowcore._models import ErrorInfo, StepRunConfig
 from flowcore._report import (
-    STATUS_COLORS,
     dag_edges,
-    format_duration,
     layers,
     max_parallelism,
     ordered_steps,
     render_report,
 )
+from flowcore._runview import STATUS_COLORS, format_duration
 
 FLOWS = textwrap.dedent('''
     import time
