@@ -4,6 +4,8 @@ While runs are active, `sys.stdout` / `sys.stderr` are wrapped by tees that stil
 original streams and also append to the buffer of the step running in the current context
 (a context variable, so sync steps in worker threads are told apart too), and a handler on the
 root logger appends formatted log records the same way. Nothing is captured outside steps.
+Text UTF-8 cannot encode (lone surrogates) is recorded escaped, and written through escaped
+when the real stream refuses it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 import sys
 import threading
 from typing import Any, TextIO
+
+from flowcore._models import encodable
 
 __all__ = ["install", "set_buffer", "uninstall"]
 
@@ -28,10 +32,19 @@ class _Tee:
         self._original = original
 
     def write(self, text: str) -> int:
-        written = self._original.write(text)
         buf = _buffer.get()
+        try:
+            written = self._original.write(text)
+        except UnicodeEncodeError:
+            if buf is None:  # not a step's output: behave like the stream itself
+                raise
+            # A strict stream (a pipe, pytest's capture) refuses what the step printed, e.g. a
+            # file name decoded with surrogateescape: printing must not fail the step.
+            encoding = getattr(self._original, "encoding", None) or "utf-8"
+            self._original.write(text.encode(encoding, "backslashreplace").decode(encoding))
+            written = len(text)
         if buf is not None:
-            buf.append(text)
+            buf.append(encodable(text))
         return written
 
     def writelines(self, lines: Any) -> None:
@@ -57,7 +70,7 @@ class _StepLogHandler(logging.Handler):
         if buf is None or record.name == "flowcore" or record.name.startswith("flowcore."):
             return
         try:
-            buf.append(self.format(record) + "\n")
+            buf.append(encodable(self.format(record)) + "\n")
         except Exception:
             self.handleError(record)
 

@@ -17,6 +17,7 @@ __all__ = [
     "StepRun",
     "StepRunConfig",
     "StepStatus",
+    "encodable",
 ]
 
 
@@ -63,13 +64,39 @@ class RunStatus(enum.StrEnum):
         return self.value
 
 
+def encodable(text: str) -> str:
+    """`text`, with what UTF-8 cannot encode (lone surrogates, e.g. a file name decoded with
+    `os.fsdecode`) written as backslash escapes such as `\\udcff`.
+
+    Stored text must encode: SQLite, log files and terminals all reject lone surrogates, and a
+    step must not break its run by printing or raising one.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
-    """The error a step ended with: its type name, message and formatted traceback."""
+    """The error a step ended with: its type name, message and formatted traceback.
+
+    Text UTF-8 cannot encode is kept escaped (see `encodable`), so every store can hold it.
+    """
 
     type: str
     message: str
     traceback: str
+
+    def __post_init__(self) -> None:
+        for name in ("type", "message", "traceback"):
+            value = getattr(self, name)
+            escaped = encodable(value)
+            if escaped is not value:
+                object.__setattr__(self, name, escaped)
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"

@@ -78,7 +78,7 @@ class LocalArtifactStore(ArtifactStore):
         producer_step_run_id: str,
         step_label: str,
     ) -> ArtifactVersion:
-        files = materializer.files_for(value) if hasattr(materializer, "files_for") else None
+        files = self._files_for(value, materializer)
         if files is not None and sum(map(len, files.values())) <= _INLINE_BYTES:
             # A small value whose files are known without I/O: hashed here, and written only
             # when this content is not stored yet (equal outputs are common: None, 0, []).
@@ -110,6 +110,21 @@ class LocalArtifactStore(ArtifactStore):
             python_version="{}.{}.{}".format(*sys.version_info[:3]),
         )
         return self.bind(artifact)
+
+    @staticmethod
+    def _files_for(value: Any, materializer: type[Any]) -> dict[str, bytes] | None:
+        """The files a materializer would write for `value`, if it can tell without I/O.
+
+        This is only a fast path: when it fails (a str holding a lone surrogate cannot be
+        encoded as JSON text) the value takes the full save path, whose fallback rules decide.
+        """
+        if not hasattr(materializer, "files_for"):
+            return None
+        try:
+            files: dict[str, bytes] | None = materializer.files_for(value)
+        except Exception:
+            return None
+        return files
 
     def exists(self, artifact: ArtifactVersion) -> bool:
         if os.path.isdir(artifact.uri):

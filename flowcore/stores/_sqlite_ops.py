@@ -13,7 +13,15 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from flowcore._models import ArtifactVersion, ErrorInfo, PipelineRun, RunStatus, StepRun, StepStatus
+from flowcore._models import (
+    ArtifactVersion,
+    ErrorInfo,
+    PipelineRun,
+    RunStatus,
+    StepRun,
+    StepStatus,
+    encodable,
+)
 from flowcore.exceptions import ArtifactLoadError, RunNameConflictError, RunNotFoundError
 from flowcore.stores._sqlite_schema import (
     decode_config,
@@ -46,6 +54,14 @@ _RUN_COLUMNS = "id, name, pipeline_name, status, start_time, end_time, parameter
 Write = Callable[[sqlite3.Connection], T]
 
 
+def _row(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The values with text UTF-8 cannot encode escaped (sqlite3 refuses lone surrogates).
+
+    Called inside the writes, in the connection thread: a large text is never encoded on the loop.
+    """
+    return tuple(encodable(v) if type(v) is str else v for v in values)
+
+
 def _step_values(sr: StepRun, *, with_config: bool = True) -> tuple[Any, ...]:
     err = sr.error
     values: tuple[Any, ...] = (
@@ -70,10 +86,10 @@ def insert_run(run: PipelineRun, *, pid: int, host: str, now: datetime) -> Write
     def write(db: sqlite3.Connection) -> None:
         try:
             db.execute(f"INSERT INTO runs ({_RUN_COLUMNS}, pid, host, heartbeat) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", run_row)
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _row(run_row))
         except sqlite3.IntegrityError:
             taken = db.execute("SELECT pipeline_name FROM runs WHERE name = ?",
-                               (run.name,)).fetchone()
+                               (encodable(run.name),)).fetchone()
             if taken is None:
                 raise
             raise RunNameConflictError(
@@ -82,9 +98,10 @@ def insert_run(run: PipelineRun, *, pid: int, host: str, now: datetime) -> Write
                 "as {time} or {run_id} in it"
             ) from None
         db.execute("INSERT OR IGNORE INTO pipelines (name, created) VALUES (?, ?)",
-                   (run.pipeline_name, to_iso(now)))
+                   _row((run.pipeline_name, to_iso(now))))
         db.executemany(f"INSERT INTO step_runs ({_STEP_COLUMNS}, position) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", step_rows)
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       [_row(r) for r in step_rows])
 
     return write
 
@@ -142,22 +159,22 @@ def upsert_step_run(
     logs = sr.logs if sr.status.is_finished else None
 
     def write(db: sqlite3.Connection) -> None:
-        if db.execute(_UPDATE_STEP, update_row).rowcount == 0:
+        if db.execute(_UPDATE_STEP, _row(update_row)).rowcount == 0:
             # Not recorded by create_run (a fan-out element): it goes after the others.
-            db.execute(_INSERT_STEP, insert_row())
+            db.execute(_INSERT_STEP, _row(insert_row()))
         if artifacts:
             db.executemany(
                 f"INSERT OR IGNORE INTO artifacts ({_ARTIFACT_COLUMNS}, created) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 # The hash is read here, off the loop: an in-memory artifact computes it.
-                [(a.id, a.name, a.uri, a.materializer, a.data_type, _content_hash(a), a.size,
-                  a.producer_step_run_id, a.python_version, to_iso(now)) for a in artifacts],
+                [_row((a.id, a.name, a.uri, a.materializer, a.data_type, _content_hash(a), a.size,
+                       a.producer_step_run_id, a.python_version, to_iso(now))) for a in artifacts],
             )
             db.executemany(
                 "INSERT INTO step_outputs (step_run_id, output_name, artifact_id) "
                 "VALUES (?, ?, ?) ON CONFLICT(step_run_id, output_name) "
                 "DO UPDATE SET artifact_id = excluded.artifact_id",
-                output_rows,
+                [_row(r) for r in output_rows],
             )
         if cache_row is not None:
             db.execute(
@@ -165,11 +182,11 @@ def upsert_step_run(
                 "VALUES (?, ?, ?, ?) ON CONFLICT(cache_key) DO UPDATE SET "
                 "step_run_id = excluded.step_run_id, pipeline_name = excluded.pipeline_name, "
                 "created = excluded.created",
-                cache_row,
+                _row(cache_row),
             )
         if logs:
             db.execute("INSERT OR REPLACE INTO step_logs (step_run_id, text) VALUES (?, ?)",
-                       (sr.id, logs))
+                       (sr.id, encodable(logs)))
         if beat_write is not None:
             beat_write(db)
 
@@ -194,7 +211,7 @@ def clear_cache(db: sqlite3.Connection, pipeline_name: str | None) -> int:
     if pipeline_name is None:
         return db.execute("DELETE FROM cache_entries").rowcount
     return db.execute(
-        "DELETE FROM cache_entries WHERE pipeline_name = ?", (pipeline_name,)
+        "DELETE FROM cache_entries WHERE pipeline_name = ?", (encodable(pipeline_name),)
     ).rowcount
 
 
@@ -325,7 +342,7 @@ def _find_run_row(db: sqlite3.Connection, name_or_id: str) -> sqlite3.Row:
     # A name wins over an id: names are what users type.
     row: sqlite3.Row | None = db.execute(
         "SELECT id FROM runs WHERE name = ? OR id = ? ORDER BY name = ? DESC LIMIT 1",
-        (name_or_id, name_or_id, name_or_id),
+        (encodable(name_or_id),) * 3,
     ).fetchone()
     if row is None:
         raise RunNotFoundError(f"no pipeline run named or with id '{name_or_id}'")
@@ -345,7 +362,7 @@ def list_runs(db: sqlite3.Connection, pipeline_name: str | None, status: RunStat
     params: list[Any] = []
     if pipeline_name is not None:
         where.append("pipeline_name = ?")
-        params.append(pipeline_name)
+        params.append(encodable(pipeline_name))
     if status is not None:
         where.append("status = ?")
         params.append(status.value)
