@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from flowcore._signature import StepSignature, inspect_step_function
-from flowcore.exceptions import ConfigError
+from flowcore.exceptions import ConfigError, PipelineDefinitionError
 
 __all__ = ["STEP_OPTIONS", "OutputHandle", "Step", "step", "unmapped"]
 
@@ -58,8 +59,6 @@ class OutputHandle:
         return True
 
     def __iter__(self) -> Any:
-        from flowcore.exceptions import PipelineDefinitionError
-
         raise PipelineDefinitionError(
             f"the output of step invocation '{self.invocation_id}' is only known at run time; "
             "it cannot be iterated while the pipeline function runs (use .map() for dynamic "
@@ -89,6 +88,11 @@ class Step:
     def __init__(self, func: Callable[..., Any], options: dict[str, Any] | None = None) -> None:
         opts = dict(options or {})
         check_options(opts, STEP_OPTIONS, f"step '{getattr(func, '__name__', func)}'")
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            raise PipelineDefinitionError(
+                f"step '{getattr(func, '__name__', func)}' is a generator function; a step "
+                "returns its outputs (collect the values into a list and return it)"
+            )
         self.func = func
         self.name: str = opts.pop("name", None) or getattr(func, "__name__", "step")
         self._options = opts
@@ -199,7 +203,6 @@ class Step:
         invocation_id: str | None, *, product: bool,
     ) -> OutputHandle:
         from flowcore._compile import current_recorder
-        from flowcore.exceptions import PipelineDefinitionError
 
         recorder = current_recorder()
         if recorder is None:

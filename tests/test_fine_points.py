@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import pytest
@@ -206,3 +208,87 @@ def test_two_outputs_with_one_name_is_a_definition_error_at_decoration() -> None
         @step
         def clash() -> tuple[Annotated[int, "output_1"], int]:
             return 1, 2
+
+
+# -- §12.16 generators and hidden handles -----------------------------------------------------
+
+
+def test_generator_function_is_a_definition_error_at_step() -> None:
+    """`@step` on a generator or an async generator function raises PipelineDefinitionError."""
+    with pytest.raises(PipelineDefinitionError) as info:
+
+        @step
+        def gen() -> Iterator[int]:
+            yield 1
+
+    assert "gen" in str(info.value)
+    with pytest.raises(PipelineDefinitionError):
+
+        @step(enable_cache=False)
+        async def agen() -> AsyncIterator[int]:
+            yield 1
+
+
+@dataclasses.dataclass
+class _Holder:
+    payload: Any
+
+
+class _Plain:
+    def __init__(self, payload: Any) -> None:
+        self.payload = payload
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda h: {h},
+        lambda h: frozenset([h]),
+        lambda h: _Holder(h),
+        lambda h: _Plain([1, h]),
+        lambda h: [{"k": _Holder(h)}],
+        lambda h: {h: 1},
+    ],
+    ids=["set", "frozenset", "dataclass", "object", "nested-in-list", "dict-key"],
+)
+async def test_handle_hidden_in_other_objects_is_a_definition_error(
+    memory_stack: Any, wrap: Any
+) -> None:
+    """A handle inside a set, frozenset, dataclass or object is refused at compile time."""
+    ran: list[str] = []
+
+    @step(enable_cache=False)
+    def make() -> int:
+        ran.append("make")
+        return 1
+
+    @step(enable_cache=False)
+    def use(things: Any) -> None:
+        ran.append("use")
+
+    @pipeline(enable_cache=False)
+    def hides() -> None:
+        use(things=wrap(make()))
+
+    with pytest.raises(PipelineDefinitionError) as info:
+        await hides.run()
+    message = str(info.value)
+    assert "'hides'" in message and "'use'" in message and "'things'" in message
+    assert ran == []
+    assert listed_runs() == []
+
+
+async def test_objects_without_handles_still_pass(memory_stack: Any) -> None:
+    """Sets, dataclasses and objects holding only plain values are ordinary parameters."""
+    seen: list[Any] = []
+
+    @step(enable_cache=False)
+    def use(a: Any, b: Any, c: Any) -> None:
+        seen.extend([a, b, c.payload])
+
+    @pipeline(enable_cache=False)
+    def p() -> None:
+        use({1, 2}, _Holder(3), _Plain(4))
+
+    await p.run()
+    assert seen == [{1, 2}, _Holder(3), 4]
