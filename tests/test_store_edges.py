@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sqlite3
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from flowcore import AsyncClient, Client, Stack, pipeline, step
-from flowcore._models import PipelineRun, RunStatus, StepStatus
+from flowcore._models import PipelineRun, RunStatus, StepRun, StepRunConfig, StepStatus
 from flowcore.exceptions import RunFailedError
+from flowcore.stores._local import LocalArtifactStore
+from flowcore.stores._sqlite import SqliteMetadataStore
+
+REPO = Path(__file__).resolve().parent.parent
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 # What os.fsdecode gives for a file name that is not UTF-8: a lone surrogate.
 BAD = os.fsdecode(b"\xff")
@@ -102,3 +114,78 @@ def test_unencodable_run_name_is_stored_escaped_and_found_by_its_raw_name(stack:
     stored = Client(stack).get_pipeline_run(info.value.run.name)
     assert stored.status is RunStatus.FAILED
     assert all(s.status.is_finished for s in stored.steps.values())
+
+
+# -- no step row stays unfinished ------------------------------------------------------------
+
+
+def _run_with_steps(name: str, statuses: dict[str, StepStatus]) -> PipelineRun:
+    run = PipelineRun(id=uuid.uuid4().hex, name=name, pipeline_name="p", start_time=T0)
+    for step_name, status in statuses.items():
+        sr = StepRun(id=uuid.uuid4().hex, name=step_name, step_name=step_name,
+                     pipeline_run_id=run.id, config=StepRunConfig(), status=status)
+        if status is not StepStatus.PENDING:
+            sr.start_time = T0
+        if status.is_finished:
+            sr.end_time = T0 + timedelta(seconds=1)
+        run.steps[step_name] = sr
+    return run
+
+
+@pytest.mark.parametrize("final", [RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.STOPPED,
+                                   RunStatus.CRASHED])
+def test_unfinished_steps_of_finished_runs_are_stopped_when_the_store_opens(
+    tmp_path: Path, final: RunStatus,
+) -> None:
+    """Opening the store from a fresh stack marks STOPPED the pending, running and retrying step
+    rows of runs already finished, with the run's end time; finished steps and live runs stay."""
+    end = T0 + timedelta(seconds=5)
+    unfinished = {"pending": StepStatus.PENDING, "running": StepStatus.RUNNING,
+                  "retrying": StepStatus.RETRYING}
+    done = _run_with_steps("done", {**unfinished, "ok": StepStatus.COMPLETED})
+    live = _run_with_steps("live", unfinished)
+
+    async def write_rows() -> None:
+        store = SqliteMetadataStore(tmp_path / "flowcore.db", LocalArtifactStore(tmp_path))
+        await store.open()
+        try:
+            await store.create_run(done)
+            await store.create_run(live)  # still running in this process: left alone
+            done.status, done.end_time = final, end
+            await store.update_run(done)
+        finally:
+            await store.close()
+
+    asyncio.run(write_rows())
+    with sqlite3.connect(tmp_path / "flowcore.db") as raw:
+        rows = raw.execute("SELECT s.status FROM step_runs s JOIN runs r ON r.id = s.run_id "
+                           "WHERE r.name = 'done' AND s.name != 'ok'").fetchall()
+    assert sorted(r[0] for r in rows) == ["pending", "retrying", "running"]
+
+    stored = Client(Stack.local(tmp_path)).get_pipeline_run("done")
+    assert stored.status is final
+    for step_name in unfinished:
+        assert stored.steps[step_name].status is StepStatus.STOPPED, step_name
+        assert stored.steps[step_name].end_time == end
+    assert stored.steps["ok"].status is StepStatus.COMPLETED
+    assert stored.steps["ok"].end_time == T0 + timedelta(seconds=1)
+    still = Client(Stack.local(tmp_path)).get_pipeline_run("live")
+    assert {n: s.status for n, s in still.steps.items()} == unfinished
+
+
+def test_unfinished_steps_of_a_run_finished_by_another_process_are_stopped(tmp_path: Path) -> None:
+    """Rows written raw into the file (a finished run whose step still reads RUNNING, with no
+    end time anywhere) are finished by the next process that opens the store."""
+    Client(Stack.local(tmp_path)).list_pipeline_runs()  # creates the schema
+    with sqlite3.connect(tmp_path / "flowcore.db") as raw:
+        raw.execute("INSERT INTO runs (id, name, pipeline_name, status, start_time, pid, host) "
+                    "VALUES ('r1', 'old', 'p', 'failed', ?, 1, 'elsewhere')", (T0.isoformat(),))
+        raw.execute("INSERT INTO step_runs (id, run_id, name, step_name, position, status, "
+                    "start_time) VALUES ('s1', 'r1', 'train', 'train', 0, 'running', ?)",
+                    (T0.isoformat(),))
+    code = ("import sys; from flowcore import Client, Stack; "
+            "r = Client(Stack.local(sys.argv[1])).get_pipeline_run('old'); "
+            "s = r.steps['train']; print(s.status.value, s.end_time is not None)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.split() == ["stopped", "True"], out.stderr

@@ -415,15 +415,25 @@ class SqliteMetadataStore(MetadataStore):
         """Mark RUNNING runs whose process died as CRASHED; return their names.
 
         A run of this host is dead when its process is gone; a run of another host when its
-        heartbeat is older than `heartbeat_timeout`. Called by `open()`.
+        heartbeat is older than `heartbeat_timeout`. In the same transaction, the unfinished
+        step rows of finished runs (left by a process that died between its last step write
+        and its run write, or by an older flowcore) are marked STOPPED. Called by `open()`.
         """
-        names = await self._write(partial(
-            ops.mark_crashed, host=self._host, now=_now(), stale_after=self._stale_after,
-            is_dead=_is_dead,
-        ))
+        now = _now()
+        crash = partial(ops.mark_crashed, host=self._host, now=now,
+                        stale_after=self._stale_after, is_dead=_is_dead)
+
+        def write(db: sqlite3.Connection) -> tuple[list[str], int]:
+            names = crash(db)
+            return names, ops.stop_orphaned_steps(db, now=now)
+
+        names, stopped = await self._write(write)
         for name in names:
             _logger.warning("run_crashed: run '%s' was RUNNING but its process is gone; "
                             "marked CRASHED", name)
+        if stopped:
+            _logger.warning("steps_stopped: %d step run(s) of finished runs were still "
+                            "pending, running or retrying; marked STOPPED", stopped)
         return names
 
     def _bind_step(self, step_run: StepRun) -> None:

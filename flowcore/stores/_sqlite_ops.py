@@ -259,6 +259,29 @@ def mark_crashed(
     return crashed
 
 
+# The same list as the partial index step_runs_unfinished (schema version 3), word for word:
+# SQLite uses a partial index only when the query repeats its condition.
+_UNFINISHED = "status IN ('pending', 'running', 'retrying')"
+
+
+def stop_orphaned_steps(db: sqlite3.Connection, *, now: datetime) -> int:
+    """Mark STOPPED the PENDING, RUNNING or RETRYING step rows of runs that are already
+    finished (no process runs them any more); return how many.
+
+    Their end time is the run's, else now. The partial index keeps this cheap on every open:
+    it holds only the steps that are not finished, whatever the size of the history.
+    """
+    return db.execute(
+        "UPDATE step_runs SET status = ?, end_time = COALESCE(end_time, "
+        "(SELECT r.end_time FROM runs r WHERE r.id = step_runs.run_id), ?) "
+        # EXISTS, not `run_id IN (finished runs)`: the plan walks the small index and looks
+        # each run up by key, instead of listing every finished run in the history.
+        f"WHERE {_UNFINISHED} AND EXISTS (SELECT 1 FROM runs r WHERE r.id = step_runs.run_id "
+        "AND r.status != 'running')",
+        (StepStatus.STOPPED.value, to_iso(now)),
+    ).rowcount
+
+
 # -- reads ----------------------------------------------------------------------------------
 
 

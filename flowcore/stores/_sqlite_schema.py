@@ -108,6 +108,12 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
         "ALTER TABLE step_runs ADD COLUMN upstream TEXT NOT NULL DEFAULT '[]'",
     ),
+    # 3: the step rows that are not finished, so that opening the store finds those of
+    # finished runs (to stop them) without reading the whole history.
+    3: (
+        "CREATE INDEX step_runs_unfinished ON step_runs(run_id) "
+        "WHERE status IN ('pending', 'running', 'retrying')",
+    ),
 }
 LATEST_VERSION = max(_MIGRATIONS)
 
