@@ -297,6 +297,36 @@ def test_timeout_kills_the_worker_process(tmp_path: Path) -> None:
     assert wait_until_dead(int(wait_for_file(pid_file, 5)), timeout=10)
 
 
+async def test_cancelling_the_caller_kills_the_worker_process(tmp_path: Path) -> None:
+    """Cancelling the task that awaits `p.run()` while a sync body sleeps in a worker process
+    returns at once and kills that process (the body is stopped, not abandoned)."""
+    pid_file = tmp_path / "cancelled.pid"
+
+    @step(step_operator="proc", enable_cache=False)
+    def sleeps_until_killed(pid_file: str) -> int:
+        with open(pid_file, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(60)
+        return 1
+
+    @pipeline
+    def cancelled_remote(pid_file: str) -> None:
+        sleeps_until_killed(pid_file)
+
+    stack = process_stack(max_workers=1)
+    running = asyncio.create_task(
+        cancelled_remote.with_options(stack=stack).run(pid_file=str(pid_file)))
+    worker_pid = int(await asyncio.to_thread(wait_for_file, pid_file, 60))
+    started = time.monotonic()
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert time.monotonic() - started < 10
+    assert worker_pid != os.getpid()
+    assert await asyncio.to_thread(wait_until_dead, worker_pid, 10)
+    await stack.close()
+
+
 def test_max_workers_bounds_concurrent_bodies() -> None:
     """With max_workers=2, five independent 0.6 s bodies run at most two at a time, in at most
     two worker processes (and at least two run together)."""
@@ -571,3 +601,165 @@ def test_dask_results_fetched_in_batches_reach_their_own_steps(dask_stack: Stack
             assert sr.error is not None and f"element {i} refuses" in sr.error.message
         else:
             assert sr.status is StepStatus.COMPLETED and sr.output.load() == i * i
+
+
+def note(where: str, name: str, text: str) -> None:
+    """Write a small marker file `name` in directory `where` (what a body did, for the test)."""
+    Path(where, name).write_text(text)
+
+
+def dask_call_tasks(cluster: Any) -> dict[str, str]:
+    """The scheduler's step tasks (flowcore's `_dask_call` submissions) with their states."""
+    return {k: v for k, v in scheduler_tasks(cluster).items() if k.startswith("_dask_call")}
+
+
+def test_dask_cancelled_step_that_had_not_started_never_runs(
+    dask_cluster: Any, dask_stack: Stack, tmp_path: Path,
+) -> None:
+    """A Dask step waiting behind two busy workers when FAIL_FAST stops the run is STOPPED and
+    its body never runs, even once the workers are free; the sync bodies that were running are
+    not interrupted and run on to their end."""
+    release, ran = tmp_path / "release", tmp_path / "ran"
+
+    @step(step_operator="dask", enable_cache=False)
+    def holds_a_worker(i: int, release: str, where: str) -> int:
+        Path(where, f"started-{i}").write_text(str(os.getpid()))
+        deadline = time.monotonic() + 40
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        Path(where, f"ended-{i}").write_text(str(os.getpid()))
+        return i
+
+    @step(enable_cache=False)
+    def both_workers_busy(where: str) -> int:
+        wait_for_file(Path(where, "started-0"))
+        wait_for_file(Path(where, "started-1"))
+        return 1
+
+    @step(step_operator="dask", enable_cache=False)
+    def queued_on_dask(ran: str, gate: int) -> int:
+        with open(ran, "a") as f:
+            f.write("ran\n")
+        return gate
+
+    @step(enable_cache=False)
+    def fails_once_queued(gate: int) -> int:
+        # Fail only once the queued step is on the scheduler, behind the two held workers.
+        deadline = time.monotonic() + 20
+        while len(dask_call_tasks(dask_cluster)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise RuntimeError(f"failing with {len(dask_call_tasks(dask_cluster))} Dask tasks")
+
+    @pipeline(execution_mode=ExecutionMode.FAIL_FAST)
+    def saturated(release: str, ran: str, where: str) -> None:
+        holds_a_worker(0, release, where)
+        holds_a_worker(1, release, where)
+        gate = both_workers_busy(where)
+        queued_on_dask(ran, gate)
+        fails_once_queued(gate)
+
+    try:
+        with pytest.raises(RunFailedError) as info:
+            saturated.with_options(stack=dask_stack)(
+                release=str(release), ran=str(ran), where=str(tmp_path))
+    finally:
+        release.write_text("go")
+    run = info.value.run
+    assert run is not None
+    assert run.steps["fails_once_queued"].error is not None
+    assert "with 3 Dask tasks" in run.steps["fails_once_queued"].error.message
+    assert run.steps["queued_on_dask"].status is StepStatus.STOPPED
+    assert run.steps["holds_a_worker"].status is StepStatus.STOPPED
+    assert run.steps["holds_a_worker_2"].status is StepStatus.STOPPED
+    # The held workers were not interrupted: their bodies end after the run, once released,
+    # and only then would a thread be free for the cancelled step.
+    wait_for_file(tmp_path / "ended-0")
+    wait_for_file(tmp_path / "ended-1")
+    deadline = time.monotonic() + 10
+    while dask_call_tasks(dask_cluster) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    assert not ran.exists()
+
+
+def test_dask_wrapper_skips_the_body_of_a_task_cancelled_before_it_began(
+    dask_cluster: Any, tmp_path: Path,
+) -> None:
+    """When a task's cancellation reaches its worker after a thread picked the task up but
+    before the step body began (a race Dask alone does not close), flowcore's wrapper does not
+    start the body."""
+    import distributed
+
+    from flowcore.stack._operators import _dask_call
+
+    ran, picked_up = tmp_path / "ran", tmp_path / "picked_up"
+
+    def body(path: str) -> int:
+        note(str(Path(path).parent), Path(path).name, "ran")
+        return 1
+
+    def picked_up_late(ran: str, picked_up: str) -> Any:
+        # Holds the task in its thread until the worker has marked it cancelled, then hands
+        # it to the wrapper as if the thread had only now reached it.
+        worker = distributed.get_worker()
+        key = distributed.utils.thread_state.key
+        note(str(Path(picked_up).parent), Path(picked_up).name, "yes")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            task = worker.state.tasks.get(key)
+            if task is None or task.state == "cancelled":
+                break
+            time.sleep(0.01)
+        return _dask_call(body, {"path": ran}, False)
+
+    with distributed.Client(dask_cluster.scheduler_address, timeout=10) as client:
+        future = client.submit(picked_up_late, str(ran), str(picked_up), pure=False)
+        wait_for_file(picked_up)
+        client.cancel(future, force=True)
+    deadline = time.monotonic() + 20
+    while any(k.startswith("picked_up_late") for k in scheduler_tasks(dask_cluster)) and (
+            time.monotonic() < deadline):
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert not ran.exists()
+
+
+def test_dask_cancelled_async_body_is_cancelled_on_the_worker(
+    dask_cluster: Any, dask_stack: Stack, tmp_path: Path,
+) -> None:
+    """Under FAIL_FAST an async body sleeping on a Dask worker is cancelled there at its
+    `await`: its CancelledError handler runs and the code after the sleep never does."""
+
+    @step(step_operator="dask", enable_cache=False)
+    async def sleeps_on_dask(where: str) -> int:
+        note(where, "started", str(os.getpid()))
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            note(where, "cancelled", "cancelled")
+            raise
+        note(where, "finished", "finished")
+        return 1
+
+    @step(enable_cache=False)
+    def fails_once_sleeping(where: str) -> int:
+        wait_for_file(Path(where, "started"))
+        raise RuntimeError("local failure")
+
+    @pipeline(execution_mode=ExecutionMode.FAIL_FAST)
+    def async_on_dask(where: str) -> None:
+        sleeps_on_dask(where)
+        fails_once_sleeping(where)
+
+    started = time.monotonic()
+    with pytest.raises(RunFailedError) as info:
+        async_on_dask.with_options(stack=dask_stack)(where=str(tmp_path))
+    run = info.value.run
+    assert run is not None and run.steps["sleeps_on_dask"].status is StepStatus.STOPPED
+    assert wait_for_file(tmp_path / "cancelled", timeout=10) == "cancelled"
+    time.sleep(max(0.0, started + 6 - time.monotonic()))
+    assert not (tmp_path / "finished").exists()
+    deadline = time.monotonic() + 10
+    while dask_call_tasks(dask_cluster) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert dask_call_tasks(dask_cluster) == {}

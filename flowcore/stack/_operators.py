@@ -7,7 +7,6 @@ import asyncio
 import multiprocessing
 import sys
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -15,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from flowcore._batching import Coalescer
 from flowcore._threads import run_in_worker_thread
 from flowcore.exceptions import ConfigError, FlowcoreError
+from flowcore.stack._process_worker import Worker
 
 
 class StepOperatorError(FlowcoreError):
@@ -80,34 +80,6 @@ class LocalStepOperator(StepOperator):
         return await run_in_worker_thread(func, **kwargs)
 
 
-class _Worker:
-    """One child process serving calls over a pipe; killed when its call is cancelled."""
-
-    def __init__(self, ctx: Any) -> None:
-        from flowcore.stack._process_worker import worker_main
-
-        parent, child = ctx.Pipe(duplex=True)
-        self.conn: Connection = parent
-        self.process = ctx.Process(target=worker_main, args=(child,), daemon=True,
-                                   name="flowcore-step-worker")
-        self.process.start()
-        child.close()
-
-    def roundtrip(self, payload: bytes) -> bytes:
-        self.conn.send_bytes(payload)
-        return self.conn.recv_bytes()
-
-    @property
-    def alive(self) -> bool:
-        return bool(self.process.is_alive())
-
-    def kill(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(timeout=5)
-        self.conn.close()
-
-
 class ProcessStepOperator(StepOperator):
     """Runs step bodies in a pool of worker processes; body and inputs travel by cloudpickle.
 
@@ -125,7 +97,7 @@ class ProcessStepOperator(StepOperator):
             raise ConfigError(f"ProcessStepOperator: unknown start_method {start_method!r}")
         self.max_workers = max_workers or os.cpu_count() or 2
         self.start_method = start_method
-        self._idle: list[_Worker] = []
+        self._idle: list[Worker] = []
         self._count = 0
         self._slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -140,14 +112,14 @@ class ProcessStepOperator(StepOperator):
             self._loop = loop
         return self._slots
 
-    async def _take_worker(self) -> _Worker:
+    async def _take_worker(self) -> Worker:
         while self._idle:
             worker = self._idle.pop()
             if worker.alive:
                 return worker
             worker.kill()
         ctx = multiprocessing.get_context(self.start_method)
-        return await asyncio.to_thread(_Worker, ctx)
+        return await asyncio.to_thread(Worker, ctx)
 
     async def run(
         self,
@@ -205,17 +177,69 @@ class DaskStepOperatorSettings(StepOperatorSettings):
     priority: int = 0
 
 
+# How often an async body on a Dask worker looks whether its task was cancelled.
+_CANCEL_POLL_SECONDS = 0.05
+
+
 def _dask_call(func: Callable[..., Any], kwargs: dict[str, Any], is_async: bool) -> Any:
-    result = func(**kwargs)
-    if is_async:
-        import asyncio as _asyncio
+    """The task flowcore submits to Dask: runs one attempt of a step body on a worker.
 
-        return _asyncio.run(_await_result(result))
-    return result
+    A task the client cancelled before this thread reached it does not start the body; an
+    async body is cancelled (`asyncio` cancellation, at its next `await`) once its task is.
+    What such a task returns is never read: Dask drops the result of a cancelled task.
+    """
+    cancelled = _cancel_probe()
+    if cancelled():
+        return None
+    if not is_async:
+        # A sync body cannot be interrupted: once started it runs to its end.
+        return func(**kwargs)
+    return asyncio.run(_await_unless_cancelled(func(**kwargs), cancelled))
 
 
-async def _await_result(awaitable: Any) -> Any:
-    return await awaitable
+def _cancel_probe() -> Callable[[], bool]:
+    """Whether the Dask task running in this thread has been cancelled by its client.
+
+    Dask keeps a task the scheduler released while it executes in the worker's state as
+    "cancelled" (and forgets it once it ends); that state is the flag, so cancelling needs no
+    extra round trip. Outside a Dask worker it never reports a cancellation.
+    """
+    try:
+        import distributed.utils
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return _never
+    key = getattr(getattr(distributed.utils, "thread_state", None), "key", None)
+    tasks = getattr(getattr(worker, "state", None), "tasks", None)
+    if key is None or tasks is None:  # pragma: no cover - another distributed version
+        return _never
+
+    def cancelled() -> bool:
+        # Read from the task's own thread while the worker's loop thread writes: one dict
+        # lookup and one attribute read, each atomic.
+        task = tasks.get(key)
+        return task is None or task.state == "cancelled"
+
+    return cancelled
+
+
+def _never() -> bool:
+    return False
+
+
+async def _await_unless_cancelled(awaitable: Any, cancelled: Callable[[], bool]) -> Any:
+    body: asyncio.Future[Any] = asyncio.ensure_future(awaitable)
+    while True:
+        done, _ = await asyncio.wait({body}, timeout=_CANCEL_POLL_SECONDS)
+        if done:
+            return body.result()
+        if cancelled():
+            body.cancel()
+            # Let the body run its `finally` blocks; its outcome is not wanted.
+            await asyncio.wait({body})
+            return None
 
 
 class _ResultBatcher:
@@ -289,7 +313,12 @@ class DaskStepOperator(StepOperator):
     """Runs step bodies on a Dask cluster through `distributed.Client(asynchronous=True)`.
 
     With no `address` it starts a `LocalCluster(n_workers, processes=processes)` on first use.
-    Cancelling a step cancels its Dask future. Needs `pip install flowcore[dask]`.
+    Needs `pip install flowcore[dask]`.
+
+    Cancelling a step (run stopped, FAIL_FAST, timeout) force-cancels its Dask future: a task
+    still waiting for a worker thread never starts its body, and an async body that is running
+    is cancelled at its next `await`. A sync body that is running cannot be interrupted: it
+    runs to its end on the worker, holding that worker thread, and its result is dropped.
     """
 
     flavor: ClassVar[str] = "dask"
@@ -375,7 +404,8 @@ class DaskStepOperator(StepOperator):
                 return await future
             return await batcher.result(future)
         except asyncio.CancelledError:
-            await asyncio.shield(future.cancel())
+            # force: the task is ours alone (pure=False), so no other client can want it.
+            await asyncio.shield(client.cancel(future, force=True))
             raise
 
     async def stop(self) -> None:

@@ -1,4 +1,5 @@
-"""The entry point of a ProcessStepOperator worker process (imported in the child)."""
+"""A ProcessStepOperator worker process: its handle in the parent and its entry point in the
+child."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ["worker_main"]
+__all__ = ["Worker", "worker_main"]
 
 
 def _call(payload: bytes) -> tuple[str, Any]:
@@ -53,3 +54,31 @@ def worker_main(conn: Connection) -> None:
             conn.send_bytes(reply)
         except (BrokenPipeError, OSError):
             return
+
+
+class Worker:
+    """One child process serving calls over a pipe (the parent's handle on it)."""
+
+    def __init__(self, ctx: Any) -> None:
+        parent, child = ctx.Pipe(duplex=True)
+        self.conn: Connection = parent
+        self.process = ctx.Process(target=worker_main, args=(child,), daemon=True,
+                                   name="flowcore-step-worker")
+        self.process.start()
+        child.close()
+
+    def roundtrip(self, payload: bytes) -> bytes:
+        """Send one call and wait for its reply (blocking: run it in a thread)."""
+        self.conn.send_bytes(payload)
+        return self.conn.recv_bytes()
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.process.is_alive())
+
+    def kill(self) -> None:
+        """Stop the process now, whatever it is running (how a cancelled step is stopped)."""
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
