@@ -15,7 +15,7 @@ import pytest
 
 from flowcore import AsyncClient, Client, Stack, pipeline, step
 from flowcore._models import PipelineRun, RunStatus, StepRun, StepRunConfig, StepStatus
-from flowcore.exceptions import RunFailedError
+from flowcore.exceptions import RunFailedError, StoreError
 from flowcore.stores._local import LocalArtifactStore
 from flowcore.stores._sqlite import SqliteMetadataStore
 
@@ -189,3 +189,51 @@ def test_unfinished_steps_of_a_run_finished_by_another_process_are_stopped(tmp_p
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stdout.split() == ["stopped", "True"], out.stderr
+
+
+# -- sqlite3 errors are StoreErrors naming the file and the operation ------------------------
+
+_bodies_run: list[str] = []
+
+
+@step(enable_cache=False)
+def marker() -> int:
+    _bodies_run.append("marker")
+    return 1
+
+
+@pipeline
+def marked() -> None:
+    marker()
+
+
+def test_a_garbage_database_file_fails_a_run_before_any_step(tmp_path: Path) -> None:
+    """A run on a stack whose database file holds garbage raises StoreError naming the file and
+    the operation, and no step body runs."""
+    (tmp_path / "flowcore.db").write_bytes(bytes(range(256)) * 64)
+    _bodies_run.clear()
+    with pytest.raises(StoreError) as info:
+        marked.with_options(stack=Stack.local(tmp_path))()
+    assert str(tmp_path / "flowcore.db") in str(info.value)
+    assert "(opening)" in str(info.value) and "not a usable" in str(info.value)
+    assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
+    assert _bodies_run == []
+
+
+def test_a_damaged_page_met_while_reading_is_a_store_error_naming_the_read(tmp_path: Path) -> None:
+    """A database that opens but whose run-name index is damaged raises StoreError from the
+    client's read, naming the file and the operation."""
+    marked.with_options(stack=Stack.local(tmp_path), run_name="fine")()
+    db_path = tmp_path / "flowcore.db"
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = raw.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'runs_name'"
+                              ).fetchone()
+    raw.close()
+    with open(db_path, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(b"\xff" * page_size)
+    with pytest.raises(StoreError) as info:
+        Client(Stack.local(tmp_path)).get_pipeline_run("fine")
+    assert str(db_path) in str(info.value) and "(reading)" in str(info.value)

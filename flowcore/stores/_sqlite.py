@@ -7,14 +7,12 @@ import logging
 import os
 import socket
 import sqlite3
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-import aiosqlite
 import anyio.to_thread
 
 from flowcore._batching import Coalescer
@@ -22,6 +20,8 @@ from flowcore._models import ArtifactVersion, PipelineRun, RunStatus, StepRun
 from flowcore.exceptions import StoreError
 from flowcore.stores import _sqlite_ops as ops
 from flowcore.stores._base import ArtifactStore, MetadataStore
+from flowcore.stores._sqlite_commit import Connection, Pending, commit_batch, mark_retrieved, settle
+from flowcore.stores._sqlite_errors import StoreErrors
 from flowcore.stores._sqlite_schema import migrate
 
 __all__ = ["SqliteMetadataStore"]
@@ -61,47 +61,6 @@ def _is_dead(pid: int | None, run_id: str) -> bool:
     return not _pid_alive(pid)
 
 
-class _Connection:
-    """The store's aiosqlite connection, running whole functions in its thread.
-
-    aiosqlite runs every call in the connection's own thread. We hand it whole synchronous
-    functions (a group commit, a multi-query read) through `Connection._execute`, so each
-    transaction begins and ends inside one call: a cancelled caller can never leave one open
-    (holding the write lock other processes wait for), and a batch costs one thread hop.
-    `_execute` and `_conn` are private to aiosqlite but have been stable since its first
-    releases; this class is the only place that touches them.
-    """
-
-    def __init__(self, aio: aiosqlite.Connection) -> None:
-        self._aio = aio
-
-    @classmethod
-    async def connect(cls, path: Path, busy_timeout: float) -> _Connection:
-        aio = aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
-        # A daemon thread: a store the application forgot to close must not keep the
-        # interpreter from exiting (every write has been committed before it returned).
-        aio._thread.daemon = True
-        await aio
-        return cls(aio)
-
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        aio = self._aio
-        execute = cast(Callable[[Callable[[], T]], Awaitable[T]], aio._execute)
-        return await execute(lambda: fn(aio._conn))
-
-    async def close(self) -> None:
-        await self._aio.close()
-
-
-@dataclass(eq=False)
-class _Pending:
-    """One write waiting for a group commit."""
-
-    write: Callable[[sqlite3.Connection], Any]
-    future: asyncio.Future[Any] | None  # None: queued by record_step_run, nobody awaits it
-    submitted: bool = False
-
-
 class SqliteMetadataStore(MetadataStore):
     """Runs, step runs, artifact rows and the cache index in one SQLite file (WAL mode).
 
@@ -130,40 +89,20 @@ class SqliteMetadataStore(MetadataStore):
         self._busy_timeout = busy_timeout
         self._stale_after = timedelta(seconds=heartbeat_timeout)
         self._host = socket.gethostname()
-        self._db: _Connection | None = None
+        self._errors = StoreErrors(self.path, busy_timeout)
+        self._db: Connection | None = None
         self._open_lock: asyncio.Lock | None = None
-        self._queue: list[_Pending] = []
+        self._queue: list[Pending] = []
         self._session: asyncio.Future[None] | None = None  # set while a committer runs
         self._beats: dict[str, datetime] = {}  # run id -> last heartbeat written
         self._wake: asyncio.Event | None = None  # set when record_step_run queued a write
         self._lost: list[BaseException] = []  # failed writes nobody awaited
         self._lookups: Coalescer[str, StepRun | None] = Coalescer(self._find_cached_many)
         # Step-run writes queued and not yet taken by a commit, by step run id.
-        self._queued_steps: dict[str, _Pending] = {}
+        self._queued_steps: dict[str, Pending] = {}
 
     def __repr__(self) -> str:
         return f"<SqliteMetadataStore {self.path} {'open' if self._db else 'closed'}>"
-
-    # -- errors: the one place sqlite3 errors become StoreErrors ----------------------------
-
-    def _translate(self, exc: BaseException) -> BaseException:
-        if not isinstance(exc, sqlite3.Error):
-            return exc
-        text = str(exc)
-        if "not a database" in text or "malformed" in text:
-            msg = (f"{self.path} is not a usable flowcore metadata database ({text}); move it "
-                   "away, or point FLOWCORE_HOME / the stack at another path")
-        elif "unable to open" in text:
-            msg = (f"cannot open the metadata store {self.path}: is the directory "
-                   f"{self.path.parent} writable? ({text})")
-        elif "locked" in text or "busy" in text:
-            msg = (f"metadata store {self.path} stayed locked by another process for more "
-                   f"than {self._busy_timeout:g}s ({text})")
-        else:
-            msg = f"metadata store {self.path}: {type(exc).__name__}: {text}"
-        error = StoreError(msg)
-        error.__cause__ = exc
-        return error
 
     # -- connection -------------------------------------------------------------------------
 
@@ -176,18 +115,14 @@ class SqliteMetadataStore(MetadataStore):
             if self._db is not None:
                 return
             await anyio.to_thread.run_sync(self._make_directory)
-            try:
-                db = await _Connection.connect(self.path, self._busy_timeout)
-            except sqlite3.Error as exc:
-                raise self._translate(exc) from exc
-            try:
-                await db.run(self._configure)
-                await db.run(partial(migrate, label=str(self.path)))
-            except BaseException as exc:
-                await db.close()
-                if isinstance(exc, sqlite3.Error):
-                    raise self._translate(exc) from exc
-                raise
+            with self._errors("opening"):
+                db = await Connection.connect(self.path, self._busy_timeout)
+                try:
+                    await db.run(self._configure)
+                    await db.run(partial(migrate, label=str(self.path)))
+                except BaseException:
+                    await db.close()
+                    raise
             self._db = db
         await self.mark_crashed_runs()
 
@@ -215,9 +150,10 @@ class SqliteMetadataStore(MetadataStore):
             await asyncio.wait([self._session])
         db, self._db = self._db, None
         if db is not None:
-            await db.close()
+            with self._errors("closing"):
+                await db.close()
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self) -> Connection:
         if self._db is None:
             await self.open()
         assert self._db is not None
@@ -234,14 +170,14 @@ class SqliteMetadataStore(MetadataStore):
         """
         await self._connection()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(_mark_retrieved)
+        future.add_done_callback(mark_retrieved)
         queued = self._queued_steps.get(step_key) if step_key else None
         if queued is not None and queued.future is None and not queued.submitted:
             queued.write = write
             queued.future = future
             pending = queued
         else:
-            pending = _Pending(write, future)
+            pending = Pending(write, future)
             self._queue.append(pending)
         try:
             if self._session is None:
@@ -272,22 +208,22 @@ class SqliteMetadataStore(MetadataStore):
                 self._queued_steps.clear()
                 db = self._db
                 try:
-                    if db is None:
-                        raise StoreError(f"metadata store {self.path} is closed")
-                    await db.run(partial(_commit_batch, batch=batch, translate=self._translate,
-                                         lost=self._lost_write))
+                    with self._errors("writing"):
+                        if db is None:
+                            raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+                        await db.run(partial(commit_batch, batch=batch, lost=self._lost_write,
+                                             translate=partial(self._errors.translate,
+                                                               operation="writing")))
                 except asyncio.CancelledError as exc:
                     # The thread still commits this batch and settles its futures. Keep
                     # draining: writers queued behind us wait on us, not on a timer.
                     cancelled = exc
-                except Exception as exc:  # the batch never ran (e.g. the connection closed)
+                except Exception as error:  # the batch never ran (e.g. the connection closed)
                     for pending in batch:
-                        error = StoreError(f"metadata store {self.path}: write failed: {exc}")
-                        error.__cause__ = exc
                         if pending.future is None:
                             self._lost_write(error)
                         else:
-                            _settle(pending.future, None, error)
+                            settle(pending.future, None, error)
         finally:
             self._session = None
             session.set_result(None)
@@ -296,10 +232,8 @@ class SqliteMetadataStore(MetadataStore):
 
     async def _read(self, read: Callable[[sqlite3.Connection], T]) -> T:
         db = await self._connection()
-        try:
+        with self._errors("reading"):
             return await db.run(partial(ops.read_snapshot, read=read))
-        except sqlite3.Error as exc:
-            raise self._translate(exc) from exc
 
     # -- MetadataStore ----------------------------------------------------------------------
 
@@ -336,7 +270,7 @@ class SqliteMetadataStore(MetadataStore):
         if queued is not None and not queued.submitted:
             queued.write = write  # newer state of the same step run (see _write)
             return
-        pending = _Pending(write, None)
+        pending = Pending(write, None)
         self._queue.append(pending)
         self._queued_steps[step_run.id] = pending
         if self._wake is not None:
@@ -444,112 +378,3 @@ class SqliteMetadataStore(MetadataStore):
         for step_run in run.steps.values():
             self._bind_step(step_run)
         return run
-
-
-# -- the committer's work, in the connection thread -----------------------------------------
-
-
-def _commit_batch(
-    db: sqlite3.Connection,
-    batch: list[_Pending],
-    translate: Callable[[BaseException], BaseException],
-    lost: Callable[[BaseException], None],
-) -> None:
-    """Apply every queued write in one transaction.
-
-    The fast path runs the batch without savepoints; if any write fails, the transaction is
-    rolled back and the batch is replayed with one savepoint per write, so a failing write is
-    rolled back alone and the others commit.
-    """
-    outcomes: list[tuple[Any, BaseException | None]]
-    try:
-        try:
-            outcomes = _apply(db, batch, isolated=False)
-        except _WriteFailed:
-            outcomes = _apply(db, batch, isolated=True)
-    except sqlite3.Error as exc:
-        outcomes = [(None, exc)] * len(batch)
-    settled = [(pending.future, result, None if error is None else translate(error))
-               for pending, (result, error) in zip(batch, outcomes, strict=True)]
-    # One wake-up of the event loop per batch, not one per write.
-    _settle_all_threadsafe(settled, lost)
-
-
-class _WriteFailed(Exception):
-    """A write of a batch failed on the fast path (replayed with savepoints)."""
-
-
-def _apply(
-    db: sqlite3.Connection, batch: list[_Pending], *, isolated: bool,
-) -> list[tuple[Any, BaseException | None]]:
-    outcomes: list[tuple[Any, BaseException | None]] = []
-    # IMMEDIATE takes the write lock up front, so the busy timeout applies; a deferred
-    # transaction that upgrades later can fail at once with "database is locked".
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        for pending in batch:
-            if not isolated:
-                try:
-                    outcomes.append((pending.write(db), None))
-                except sqlite3.OperationalError:
-                    raise
-                except Exception as exc:
-                    raise _WriteFailed from exc
-                continue
-            db.execute("SAVEPOINT flowcore_write")
-            try:
-                result = pending.write(db)
-            except sqlite3.OperationalError:
-                raise
-            except Exception as exc:
-                db.execute("ROLLBACK TO flowcore_write")
-                outcomes.append((None, exc))
-            else:
-                outcomes.append((result, None))
-            db.execute("RELEASE flowcore_write")
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    return outcomes
-
-
-_Settled = list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]
-
-
-def _settle_all(settled: _Settled, lost: Callable[[BaseException], None]) -> None:
-    for future, result, error in settled:
-        if future is not None:
-            _settle(future, result, error)
-        elif error is not None:
-            lost(error)
-
-
-def _settle_all_threadsafe(settled: _Settled, lost: Callable[[BaseException], None]) -> None:
-    loop = next((f.get_loop() for f, _, _ in settled if f is not None), None)
-    if loop is None:
-        errors = [e for _, _, e in settled if e is not None]
-        for error in errors:
-            lost(error)  # thread-safe: it only appends to a list
-        return
-    try:
-        loop.call_soon_threadsafe(_settle_all, settled, lost)
-    except RuntimeError:  # the loop is closed: nobody is waiting any more
-        pass
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # its caller was cancelled
-        return
-    if error is None:
-        future.set_result(result)
-    else:
-        future.set_exception(error)
-
-
-def _mark_retrieved(future: asyncio.Future[Any]) -> None:
-    # A cancelled caller never reads its write's error; read it so asyncio does not log
-    # "exception was never retrieved".
-    if not future.cancelled():
-        future.exception()

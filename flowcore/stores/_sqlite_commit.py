@@ -1,0 +1,169 @@
+"""The SQLite store's connection and its group commit, the part that runs in the connection's
+thread: a batch of queued writes applied in one transaction, and their callers' futures
+settled with one wake-up of the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import aiosqlite
+
+__all__ = ["Connection", "Pending", "commit_batch", "mark_retrieved", "settle"]
+
+T = TypeVar("T")
+
+
+class Connection:
+    """The store's aiosqlite connection, running whole functions in its thread.
+
+    aiosqlite runs every call in the connection's own thread. We hand it whole synchronous
+    functions (a group commit, a multi-query read) through `Connection._execute`, so each
+    transaction begins and ends inside one call: a cancelled caller can never leave one open
+    (holding the write lock other processes wait for), and a batch costs one thread hop.
+    `_execute` and `_conn` are private to aiosqlite but have been stable since its first
+    releases; this class is the only place that touches them.
+    """
+
+    def __init__(self, aio: aiosqlite.Connection) -> None:
+        self._aio = aio
+
+    @classmethod
+    async def connect(cls, path: Path, busy_timeout: float) -> Connection:
+        aio = aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
+        # A daemon thread: a store the application forgot to close must not keep the
+        # interpreter from exiting (every write has been committed before it returned).
+        aio._thread.daemon = True
+        await aio
+        return cls(aio)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        aio = self._aio
+        if aio._connection is None or not aio._running:
+            # What sqlite3 raises for a closed connection (aiosqlite raises ValueError), so the
+            # store's one error translation covers it.
+            raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+        execute = cast(Callable[[Callable[[], T]], Awaitable[T]], aio._execute)
+        return await execute(lambda: fn(aio._conn))
+
+    async def close(self) -> None:
+        await self._aio.close()
+
+
+@dataclass(eq=False)
+class Pending:
+    """One write waiting for a group commit."""
+
+    write: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any] | None  # None: queued by record_step_run, nobody awaits it
+    submitted: bool = False
+
+
+def commit_batch(
+    db: sqlite3.Connection,
+    batch: list[Pending],
+    translate: Callable[[BaseException], BaseException],
+    lost: Callable[[BaseException], None],
+) -> None:
+    """Apply every queued write in one transaction.
+
+    The fast path runs the batch without savepoints; if any write fails, the transaction is
+    rolled back and the batch is replayed with one savepoint per write, so a failing write is
+    rolled back alone and the others commit.
+    """
+    outcomes: list[tuple[Any, BaseException | None]]
+    try:
+        try:
+            outcomes = _apply(db, batch, isolated=False)
+        except _WriteFailed:
+            outcomes = _apply(db, batch, isolated=True)
+    except sqlite3.Error as exc:
+        outcomes = [(None, exc)] * len(batch)
+    settled = [(pending.future, result, None if error is None else translate(error))
+               for pending, (result, error) in zip(batch, outcomes, strict=True)]
+    # One wake-up of the event loop per batch, not one per write.
+    _settle_all_threadsafe(settled, lost)
+
+
+class _WriteFailed(Exception):
+    """A write of a batch failed on the fast path (replayed with savepoints)."""
+
+
+def _apply(
+    db: sqlite3.Connection, batch: list[Pending], *, isolated: bool,
+) -> list[tuple[Any, BaseException | None]]:
+    outcomes: list[tuple[Any, BaseException | None]] = []
+    # IMMEDIATE takes the write lock up front, so the busy timeout applies; a deferred
+    # transaction that upgrades later can fail at once with "database is locked".
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for pending in batch:
+            if not isolated:
+                try:
+                    outcomes.append((pending.write(db), None))
+                except sqlite3.OperationalError:
+                    raise
+                except Exception as exc:
+                    raise _WriteFailed from exc
+                continue
+            db.execute("SAVEPOINT flowcore_write")
+            try:
+                result = pending.write(db)
+            except sqlite3.OperationalError:
+                raise
+            except Exception as exc:
+                db.execute("ROLLBACK TO flowcore_write")
+                outcomes.append((None, exc))
+            else:
+                outcomes.append((result, None))
+            db.execute("RELEASE flowcore_write")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return outcomes
+
+
+_Settled = list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]
+
+
+def _settle_all(settled: _Settled, lost: Callable[[BaseException], None]) -> None:
+    for future, result, error in settled:
+        if future is not None:
+            settle(future, result, error)
+        elif error is not None:
+            lost(error)
+
+
+def _settle_all_threadsafe(settled: _Settled, lost: Callable[[BaseException], None]) -> None:
+    loop = next((f.get_loop() for f, _, _ in settled if f is not None), None)
+    if loop is None:
+        errors = [e for _, _, e in settled if e is not None]
+        for error in errors:
+            lost(error)  # thread-safe: it only appends to a list
+        return
+    try:
+        loop.call_soon_threadsafe(_settle_all, settled, lost)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
+
+
+def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # its caller was cancelled
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+def mark_retrieved(future: asyncio.Future[Any]) -> None:
+    # A cancelled caller never reads its write's error; read it so asyncio does not log
+    # "exception was never retrieved".
+    if not future.cancelled():
+        future.exception()
