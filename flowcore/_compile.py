@@ -13,8 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowcore._graph import Graph, MapSpec, Node, OutputRef, contains_ref, iter_refs
-from flowcore._step import OutputHandle, Step, env_flag, unmapped
-from flowcore.config import RunConfigFile, StepConfigFile, StepRetryConfig
+from flowcore._step import OutputHandle, Step, unmapped
+from flowcore.config import (
+    RunConfigFile,
+    StepConfigFile,
+    StepRetryConfig,
+    config_errors,
+    env_flag,
+)
 from flowcore.exceptions import ConfigError, PipelineDefinitionError, StepInputError
 
 __all__ = ["Recorder", "ResolvedStepConfig", "compile_graph", "current_recorder"]
@@ -302,7 +308,8 @@ def _static_config(
     hooks = {k: opts.get(k) or pipeline_options.get(k) for k in _HOOK_KINDS}
     retry = pick("retry", None)
     if isinstance(retry, Mapping):
-        retry = StepRetryConfig.model_validate(retry)
+        with config_errors(f"step '{step.name}', option 'retry'"):
+            retry = StepRetryConfig.model_validate(retry)
     timeout = (y.timeout if y and y.timeout is not None else opts.get("timeout"))
     return {
         "enable_cache": bool(pick("enable_cache", True)),

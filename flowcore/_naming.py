@@ -1,4 +1,9 @@
-"""Run-name templates: `{date}`, `{time}`, `{pipeline_name}`, `{run_id}` and user substitutions."""
+"""Run-name templates: `{date}`, `{time}`, `{pipeline_name}`, `{run_id}` and user substitutions.
+
+A template is checked twice: its syntax where it enters (`with_options(run_name=...)`, the
+decorator, a YAML file), and its placeholders when the run is named, since substitutions may
+arrive later. Both happen before a run is recorded.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,47 @@ from datetime import datetime
 
 from flowcore.exceptions import ConfigError
 
-__all__ = ["DEFAULT_RUN_NAME", "format_run_name"]
+__all__ = ["DEFAULT_RUN_NAME", "check_run_name", "format_run_name", "run_name_problem"]
 
 DEFAULT_RUN_NAME = "{pipeline_name}-{date}-{time}"
+BUILTIN_PLACEHOLDERS = ("date", "time", "pipeline_name", "run_id")
+
+
+def _fields(template: str) -> list[str]:
+    """The placeholder names of a template; ValueError for anything but plain `{name}`."""
+    names = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"{exc} ({'{{'} and {'}}'} are literal braces)") from None
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if conversion is not None:
+            raise ValueError(f"placeholder '{{{field}!{conversion}}}' has a conversion")
+        if spec:
+            raise ValueError(f"placeholder '{{{field}:{spec}}}' has a format spec")
+        if not field.isidentifier():
+            shown = f"{{{field}}}"
+            raise ValueError(f"placeholder '{shown}' is not a plain name")
+        names.append(field)
+    return names
+
+
+def run_name_problem(template: str) -> str | None:
+    """What is wrong with a run-name template's syntax, or None if nothing is."""
+    try:
+        _fields(template)
+    except ValueError as exc:
+        return f"run name '{template}' is not a valid template: {exc}"
+    return None
+
+
+def check_run_name(template: str, where: str) -> None:
+    """Raise ConfigError (prefixed with `where`) if a run-name template's syntax is invalid."""
+    problem = run_name_problem(template)
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
 
 
 def format_run_name(
@@ -24,7 +67,8 @@ def format_run_name(
     """Fill a run-name template; `now` must be UTC.
 
     Raises:
-        ConfigError: the template names a placeholder nobody provides.
+        ConfigError: the template is not valid (a lone brace, a format spec, a conversion) or
+            names a placeholder nobody provides.
     """
     values: dict[str, str] = {
         "date": now.strftime("%Y_%m_%d"),
@@ -33,13 +77,18 @@ def format_run_name(
         "run_id": run_id,
     }
     if substitutions:
-        values.update({k: str(v) for k, v in substitutions.items()})
-    for _, field_name, _, _ in string.Formatter().parse(template):
-        if field_name is not None and field_name not in values:
+        values.update({str(k): str(v) for k, v in substitutions.items()})
+    where = f"pipeline '{pipeline_name}'"
+    try:
+        fields = _fields(template)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: run name '{template}' is not a valid template: {exc}") from None
+    for field in fields:
+        if field not in values:
             known = ", ".join(sorted(values))
             raise ConfigError(
-                f"run name '{template}' of pipeline '{pipeline_name}' uses placeholder "
-                f"'{{{field_name}}}', which is not one of: {known}; add it with "
+                f"run name '{template}' of {where} uses placeholder "
+                f"'{{{field}}}', which is not one of: {known}; add it with "
                 "with_options(substitutions={...})"
             )
     return template.format(**values)

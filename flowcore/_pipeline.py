@@ -11,7 +11,12 @@ from typing import TYPE_CHECKING, Any, overload
 from flowcore._compile import compile_graph, current_recorder, recording
 from flowcore._graph import Graph
 from flowcore._step import check_options
-from flowcore.config import ExecutionMode, RunConfigFile, load_run_config
+from flowcore.config import (
+    ExecutionMode,
+    RunConfigFile,
+    load_run_config,
+    validate_pipeline_options,
+)
 from flowcore.exceptions import ConfigError, FlowcoreError
 
 if TYPE_CHECKING:
@@ -51,7 +56,9 @@ class Pipeline:
 
     def __init__(self, func: Callable[..., Any], options: dict[str, Any] | None = None) -> None:
         opts = dict(options or {})
-        check_options(opts, PIPELINE_OPTIONS, f"pipeline '{getattr(func, '__name__', func)}'")
+        func_name = getattr(func, "__name__", "pipeline")
+        check_options(opts, PIPELINE_OPTIONS, f"pipeline '{func_name}'")
+        validate_pipeline_options(opts, opts.get("name") or func_name)
         self.func = func
         self.name: str = opts.pop("name", None) or getattr(func, "__name__", "pipeline")
         self._options = opts  # decorator + configure()
@@ -66,6 +73,7 @@ class Pipeline:
     def configure(self, **options: Any) -> Pipeline:
         """Change options in place; returns the same pipeline."""
         check_options(options, PIPELINE_OPTIONS, f"pipeline '{self.name}'")
+        validate_pipeline_options(options, self.name)
         if "name" in options:
             self.name = options.pop("name")
         self._options.update(options)
@@ -74,6 +82,7 @@ class Pipeline:
     def with_options(self, **options: Any) -> Pipeline:
         """Return a configured copy (these options beat a YAML `config_path`)."""
         check_options(options, PIPELINE_OPTIONS, f"pipeline '{self.name}'")
+        validate_pipeline_options(options, self.name)
         clone = copy.copy(self)
         clone._options = dict(self._options)
         clone._run_options = dict(self._run_options)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import os
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from flowcore._signature import StepSignature, inspect_step_function
+from flowcore.config import env_flag, validate_step_options
 from flowcore.exceptions import ConfigError, PipelineDefinitionError
 
-__all__ = ["STEP_OPTIONS", "OutputHandle", "Step", "step", "unmapped"]
+__all__ = ["STEP_OPTIONS", "OutputHandle", "Step", "env_flag", "step", "unmapped"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,11 +32,6 @@ def check_options(options: dict[str, Any], allowed: frozenset[str], where: str) 
             close = difflib.get_close_matches(key, sorted(allowed), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{where}: unknown option '{key}'{hint}")
-
-
-def env_flag(name: str) -> bool:
-    """Whether an environment variable is set to a true value."""
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class OutputHandle:
@@ -87,10 +82,12 @@ class Step:
 
     def __init__(self, func: Callable[..., Any], options: dict[str, Any] | None = None) -> None:
         opts = dict(options or {})
-        check_options(opts, STEP_OPTIONS, f"step '{getattr(func, '__name__', func)}'")
+        func_name = getattr(func, "__name__", "step")
+        check_options(opts, STEP_OPTIONS, f"step '{func_name}'")
+        validate_step_options(opts, opts.get("name") or func_name)
         if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
             raise PipelineDefinitionError(
-                f"step '{getattr(func, '__name__', func)}' is a generator function; a step "
+                f"step '{func_name}' is a generator function; a step "
                 "returns its outputs (collect the values into a list and return it)"
             )
         self.func = func
@@ -129,6 +126,7 @@ class Step:
     def configure(self, **options: Any) -> Step:
         """Change options in place; returns the same step."""
         check_options(options, STEP_OPTIONS, f"step '{self.name}'")
+        validate_step_options(options, self.name)
         if "name" in options:
             self.name = options.pop("name")
         self._options.update(options)

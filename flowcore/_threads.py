@@ -1,40 +1,112 @@
 """The worker threads sync step bodies and sync hooks run in.
 
-A process-wide pool of its own, not the event loop's default executor: `asyncio.run` joins the
-default executor's threads when it ends, so a FAIL_FAST or cancelled run started with a plain
-`pipeline()` call would block until abandoned sync bodies finished. This pool is never joined
-by a loop, and it is larger than the default (min(32, cpus + 4)), because sync steps often
-wait on I/O rather than compute.
+A process-wide pool of its own rather than a `ThreadPoolExecutor`: `concurrent.futures` joins
+its threads when the interpreter exits, and the event loop's default executor is joined when
+`asyncio.run` ends, so Ctrl-C during `pipeline()` would wait for an abandoned 20 s body before
+the process could exit. These threads are daemons that nothing joins: a body nobody waits for
+any more is simply left to finish (or to die with the process). The pool grows on demand up
+to `FLOWCORE_MAX_THREADS` (default 64, more than the default executor's min(32, cpus + 4),
+because sync steps often wait on I/O rather than compute).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import functools
 import os
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["run_in_worker_thread"]
+from flowcore.exceptions import ConfigError
+
+__all__ = ["max_threads", "run_in_worker_thread"]
 
 T = TypeVar("T")
 
-_MAX_WORKERS = int(os.environ.get("FLOWCORE_MAX_THREADS", "64"))
-_executor: ThreadPoolExecutor | None = None
+_DEFAULT_MAX_THREADS = 64
+
+_Work = tuple[Callable[[], Any], "concurrent.futures.Future[Any]"]
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _executor
-    if _executor is None:
-        _executor = ThreadPoolExecutor(max_workers=_MAX_WORKERS, thread_name_prefix="flowcore")
-    return _executor
+def max_threads() -> int:
+    """`FLOWCORE_MAX_THREADS`, read when the pool is first needed (never at import).
+
+    Raises:
+        ConfigError: the variable is not a whole number of at least 1.
+    """
+    raw = os.environ.get("FLOWCORE_MAX_THREADS")
+    if raw is None or not raw.strip():
+        return _DEFAULT_MAX_THREADS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(
+            f"environment variable FLOWCORE_MAX_THREADS={raw!r} must be a whole number >= 1 "
+            f"(the most worker threads sync steps run in; default {_DEFAULT_MAX_THREADS})"
+        )
+    return value
+
+
+class _DaemonPool:
+    """Daemon worker threads fed from one queue; a thread is added only when none is idle."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._work: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, call: Callable[[], T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._lock:
+            if self._idle <= 0 and self._threads < self._limit:
+                self._threads += 1
+                threading.Thread(target=self._serve, name=f"flowcore-{self._threads}",
+                                 daemon=True).start()
+            else:
+                self._idle -= 1  # this work will take an idle thread (or wait for one)
+        self._work.put((call, future))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            call, future = self._work.get()
+            # A future cancelled before its turn (the step was cancelled) never runs.
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = call()
+                except BaseException as exc:  # KeyboardInterrupt/SystemExit too: the step's
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+                del call, future
+            with self._lock:
+                self._idle += 1
+
+
+_pool: _DaemonPool | None = None
+_pool_lock = threading.Lock()
+
+
+def _get_pool() -> _DaemonPool:
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = _DaemonPool(max_threads())
+    return _pool
 
 
 async def run_in_worker_thread(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """Run `func` in a flowcore worker thread with the caller's context variables (the step
     context, captured output). Cancelling the await abandons the thread's result."""
     ctx = contextvars.copy_context()
-    call = functools.partial(ctx.run, func, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(_pool(), call)
+    future = _get_pool().submit(functools.partial(ctx.run, func, *args, **kwargs))
+    return await asyncio.wrap_future(future)

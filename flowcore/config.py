@@ -1,17 +1,45 @@
-"""Configuration models: retries, execution modes, and the YAML run-configuration schema."""
+"""Configuration: retries, execution modes, option and YAML schemas, environment variables.
+
+Options are validated where they enter (the decorators, `configure`, `with_options`, a YAML
+run configuration, an environment variable), so a bad value is a `ConfigError` naming the
+step or pipeline and the key before any run starts. Every pydantic `ValidationError` becomes
+a `ConfigError` in one place: `config_errors`.
+"""
 
 from __future__ import annotations
 
 import enum
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+)
 
 from flowcore.exceptions import ConfigError
 
-__all__ = ["ExecutionMode", "RunConfigFile", "StepConfigFile", "StepRetryConfig", "load_run_config"]
+__all__ = [
+    "ExecutionMode",
+    "RunConfigFile",
+    "StepConfigFile",
+    "StepRetryConfig",
+    "config_errors",
+    "env_flag",
+    "env_int",
+    "load_run_config",
+    "validate_pipeline_options",
+    "validate_step_options",
+]
 
 
 class ExecutionMode(enum.StrEnum):
@@ -49,6 +77,23 @@ class StepRetryConfig(BaseModel):
         return value
 
 
+def _valid_run_name(value: str | None) -> str | None:
+    if value is not None:
+        from flowcore._naming import run_name_problem
+
+        problem = run_name_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+    return value
+
+
+# Option value types shared by the Python options and the YAML file.
+Seconds = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
+ComponentName = Annotated[str, Field(strict=True, min_length=1)]
+Concurrency = Annotated[int, Field(strict=True, ge=1)]
+RunNameTemplate = Annotated[str, Field(strict=True), AfterValidator(_valid_run_name)]
+
+
 class StepConfigFile(BaseModel):
     """The per-step block of a YAML run configuration (`steps: {<invocation ID>: ...}`)."""
 
@@ -58,9 +103,9 @@ class StepConfigFile(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     retry: StepRetryConfig | None = None
     settings: dict[str, Any] = Field(default_factory=dict)
-    step_operator: str | None = None
-    experiment_tracker: str | None = None
-    timeout: float | None = None
+    step_operator: ComponentName | None = None
+    experiment_tracker: ComponentName | None = None
+    timeout: Seconds | None = None
 
 
 class RunConfigFile(BaseModel):
@@ -68,16 +113,149 @@ class RunConfigFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    run_name: str | None = None
+    run_name: RunNameTemplate | None = None
     enable_cache: bool | None = None
     enable_artifact_metadata: bool | None = None
     execution_mode: ExecutionMode | None = None
     synchronous: bool | None = None
-    max_concurrency: int | None = None
+    max_concurrency: Concurrency | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     settings: dict[str, Any] = Field(default_factory=dict)
     steps: dict[str, StepConfigFile] = Field(default_factory=dict)
     substitutions: dict[str, str] = Field(default_factory=dict)
+
+
+class _CommonOptions(BaseModel):
+    """Options of both `@step` and `@pipeline` whose values have a fixed type."""
+
+    model_config = ConfigDict(extra="ignore", arbitrary_types_allowed=True)
+
+    name: ComponentName | None = None
+    enable_cache: StrictBool | None = None
+    enable_artifact_metadata: StrictBool | None = None
+    retry: StepRetryConfig | None = None
+    settings: dict[str, Any] | None = None
+    extra: dict[str, Any] | None = None
+
+
+class _StepOptions(_CommonOptions):
+    timeout: Seconds | None = None
+    step_operator: ComponentName | None = None
+    experiment_tracker: ComponentName | None = None
+    output_materializers: dict[str, Any] | type | str | None = None
+
+
+class _PipelineOptions(_CommonOptions):
+    execution_mode: ExecutionMode | None = None
+    max_concurrency: Concurrency | None = None
+    run_name: RunNameTemplate | None = None
+    config_path: str | os.PathLike[str] | None = None
+    synchronous: StrictBool | None = None
+    capture_logs: StrictBool | None = None
+    substitutions: dict[str, Any] | None = None
+
+
+def validate_step_options(options: Mapping[str, Any], step_name: str) -> None:
+    """Check the values of `@step` / `configure` / `with_options` keywords.
+
+    Raises:
+        ConfigError: naming the step and the key, e.g. for `retry=3` or `timeout=-1`.
+    """
+    with config_errors(f"step '{step_name}'", options=True):
+        _StepOptions.model_validate(options)
+
+
+def validate_pipeline_options(options: Mapping[str, Any], pipeline_name: str) -> None:
+    """Check the values of `@pipeline` / `configure` / `with_options` keywords.
+
+    Raises:
+        ConfigError: naming the pipeline and the key (a bad execution_mode, max_concurrency,
+            run-name template, ...).
+    """
+    where = f"pipeline '{pipeline_name}'"
+    with config_errors(where, options=True):
+        _PipelineOptions.model_validate(options)
+    stack = options.get("stack")
+    if stack is not None:
+        from flowcore.stack import Stack
+
+        if not isinstance(stack, Stack):
+            raise ConfigError(f"{where}: option 'stack' must be a Stack, not {stack!r}")
+
+
+@contextmanager
+def config_errors(where: str, *, options: bool = False) -> Iterator[None]:
+    """Turn a pydantic `ValidationError` raised inside into a `ConfigError` naming `where` and
+    the key at fault (`options`: the keys are keyword options, quoted with their value)."""
+    try:
+        yield
+    except ValidationError as exc:
+        detail = _format_options_error(exc) if options else format_validation_error(exc)
+        raise ConfigError(f"{where}: {detail}") from None
+
+
+def _format_options_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"]]
+        shown = repr(e.get("input"))
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        parts.append(f"option '{loc[0] if loc else '?'}' = {shown}: {_message(e)}")
+    # pydantic reports every branch of `X | None`; the first line per key says enough.
+    seen: dict[str, str] = {}
+    for part in parts:
+        seen.setdefault(part.split(" = ", 1)[0], part)
+    return "; ".join(seen.values())
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def env_flag(name: str) -> bool:
+    """Whether an environment variable is set to a true value (unset or empty is false).
+
+    Raises:
+        ConfigError: the value is none of true/false/1/0/yes/no/on/off (any case).
+    """
+    raw = os.environ.get(name)
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(
+        f"environment variable {name}={raw!r} is not a boolean; use true/false, 1/0, yes/no "
+        "or on/off"
+    )
+
+
+def env_int(name: str, default: int, *, minimum: int = 1) -> int:
+    """An integer environment variable, `default` when unset or empty.
+
+    Raises:
+        ConfigError: the value is not an integer >= `minimum`.
+    """
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"environment variable {name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def _message(error: Any) -> str:
+    """pydantic's message, without the "Value error, " it puts before our own validators'."""
+    ctx = error.get("ctx") or {}
+    if error.get("type") == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    return str(error["msg"])
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -85,7 +263,7 @@ def format_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "<root>"
-        parts.append(f"{loc}: {e['msg']}")
+        parts.append(f"{loc}: {_message(e)}")
     return "; ".join(parts)
 
 
@@ -109,7 +287,6 @@ def load_run_config(path: str | Path) -> RunConfigFile:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"run configuration '{p}' must be a mapping, not {type(data).__name__}")
-    try:
-        return RunConfigFile.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"run configuration '{p}': {format_validation_error(exc)}") from exc
+    with config_errors(f"run configuration '{p}'"):
+        config = RunConfigFile.model_validate(data)
+    return config

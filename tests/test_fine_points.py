@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
 
+import flowcore
 from flowcore import (
+    ConfigError,
+    ExecutionMode,
     OutputHandle,
     PipelineDefinitionError,
     RunFailedError,
     StepInputError,
     StepOutputError,
+    StepRetryConfig,
     pipeline,
     step,
 )
+from flowcore._naming import format_run_name
 from flowcore.client import Client
+from flowcore.config import env_flag
 
 # -- §12.14 lax input validation --------------------------------------------------------------
 
@@ -292,3 +303,233 @@ async def test_objects_without_handles_still_pass(memory_stack: Any) -> None:
 
     await p.run()
     assert seen == [{1, 2}, _Holder(3), 4]
+
+
+# -- §12.17 options validated where they enter ------------------------------------------------
+
+_BAD_STEP_OPTIONS = [
+    ("retry", 3),
+    ("timeout", "soon"),
+    ("timeout", -1),
+    ("timeout", 0),
+    ("timeout", float("nan")),
+    ("timeout", float("inf")),
+    ("timeout", True),
+    ("step_operator", 5),
+    ("experiment_tracker", ["mlflow"]),
+    ("enable_cache", "yes"),
+]
+
+
+def _plain() -> int:
+    return 1
+
+
+@pytest.mark.parametrize(("key", "value"), _BAD_STEP_OPTIONS)
+def test_bad_step_option_is_config_error_at_every_entry(key: str, value: Any) -> None:
+    """A bad step option is a ConfigError naming the step and key from the decorator,
+    `configure` and `with_options`."""
+    with pytest.raises(ConfigError) as info:
+        step(**{key: value})(_plain)
+    assert "'_plain'" in str(info.value) and f"'{key}'" in str(info.value)
+    good = step(_plain)
+    with pytest.raises(ConfigError) as info:
+        good.with_options(**{key: value})
+    assert "'_plain'" in str(info.value) and f"'{key}'" in str(info.value)
+    with pytest.raises(ConfigError):
+        good.configure(**{key: value})
+    assert key not in good.options
+
+
+def test_good_step_options_are_accepted() -> None:
+    """Ints for seconds, a retry mapping and component names pass."""
+    s = step(timeout=5, retry={"max_retries": 2}, step_operator="dask",
+             experiment_tracker="mlflow", enable_cache=None)(_plain)
+    assert s.options["timeout"] == 5
+    s.configure(timeout=0.5, retry=StepRetryConfig(max_retries=1), enable_cache=False)
+
+
+_BAD_PIPELINE_OPTIONS = [
+    ("max_concurrency", 0),
+    ("max_concurrency", 1.5),
+    ("max_concurrency", True),
+    ("max_concurrency", "2"),
+    ("execution_mode", "fastest"),
+    ("enable_cache", 1),
+    ("retry", 3),
+    ("synchronous", "no"),
+    ("stack", "local"),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), _BAD_PIPELINE_OPTIONS)
+def test_bad_pipeline_option_is_config_error_at_every_entry(key: str, value: Any) -> None:
+    """A bad pipeline option is a ConfigError naming the pipeline and key at each entry."""
+
+    def flow() -> None:
+        return None
+
+    with pytest.raises(ConfigError) as info:
+        pipeline(**{key: value})(flow)
+    assert "'flow'" in str(info.value) and key in str(info.value)
+    good = pipeline(flow)
+    with pytest.raises(ConfigError) as info:
+        good.with_options(**{key: value})
+    assert "'flow'" in str(info.value) and key in str(info.value)
+    with pytest.raises(ConfigError):
+        good.configure(**{key: value})
+
+
+def test_good_pipeline_options_are_accepted() -> None:
+    """An execution-mode value string, max_concurrency None or >= 1 pass."""
+
+    @pipeline(execution_mode="fail_fast", max_concurrency=None)
+    def flow() -> None:
+        return None
+
+    flow.with_options(execution_mode=ExecutionMode.STOP_ON_FAILURE, max_concurrency=3)
+
+
+@pytest.mark.parametrize(
+    ("block", "key"),
+    [
+        ("steps: {use: {timeout: -1}}", "timeout"),
+        ("steps: {use: {step_operator: 3}}", "step_operator"),
+        ("steps: {use: {retry: 3}}", "retry"),
+        ("max_concurrency: 0", "max_concurrency"),
+        ("run_name: 'a{b'", "run_name"),
+    ],
+)
+async def test_bad_yaml_option_is_config_error_before_a_run(
+    memory_stack: Any, tmp_path: Path, block: str, key: str
+) -> None:
+    """A bad value in a YAML run configuration is a ConfigError naming the file and key."""
+    ran: list[str] = []
+
+    @step
+    def use() -> None:
+        ran.append("use")
+
+    @pipeline(enable_cache=False)
+    def flow() -> None:
+        use()
+
+    path = tmp_path / "run_cfg.yaml"
+    path.write_text(block + "\n")
+    with pytest.raises(ConfigError) as info:
+        await flow.with_options(config_path=str(path)).run()
+    assert "run_cfg.yaml" in str(info.value) and key in str(info.value)
+    assert ran == [] and listed_runs() == []
+
+
+def test_bad_max_threads_does_not_break_import(tmp_path: Path) -> None:
+    """`FLOWCORE_MAX_THREADS=abc` lets `import flowcore` succeed."""
+    env = {**os.environ, "FLOWCORE_MAX_THREADS": "abc", "FLOWCORE_HOME": str(tmp_path),
+           "PYTHONPATH": str(Path(flowcore.__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", "import flowcore"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("raw", ["abc", "0", "-3", "1.5"])
+def test_bad_max_threads_is_config_error_when_read(monkeypatch: Any, raw: str) -> None:
+    """A FLOWCORE_MAX_THREADS that is not an integer >= 1 is a ConfigError naming it."""
+    from flowcore._threads import max_threads
+
+    monkeypatch.setenv("FLOWCORE_MAX_THREADS", raw)
+    with pytest.raises(ConfigError, match="FLOWCORE_MAX_THREADS"):
+        max_threads()
+    monkeypatch.setenv("FLOWCORE_MAX_THREADS", "8")
+    assert max_threads() == 8
+
+
+async def test_bad_enforce_flag_is_config_error_at_compile(monkeypatch: Any) -> None:
+    """`FLOWCORE_ENFORCE_TYPE_ANNOTATIONS=maybe` is a ConfigError naming the variable."""
+
+    @step
+    def one() -> int:
+        return 1
+
+    @pipeline
+    def flow() -> None:
+        one()
+
+    monkeypatch.setenv("FLOWCORE_ENFORCE_TYPE_ANNOTATIONS", "maybe")
+    with pytest.raises(ConfigError, match="FLOWCORE_ENFORCE_TYPE_ANNOTATIONS"):
+        flow.compile()
+
+
+def test_bad_single_step_flag_is_config_error(monkeypatch: Any) -> None:
+    """`FLOWCORE_RUN_SINGLE_STEPS_WITHOUT_STACK=maybe` is a ConfigError naming the variable."""
+    monkeypatch.setenv("FLOWCORE_RUN_SINGLE_STEPS_WITHOUT_STACK", "maybe")
+    with pytest.raises(ConfigError, match="FLOWCORE_RUN_SINGLE_STEPS_WITHOUT_STACK"):
+        step(_plain)()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("true", True), ("YES", True), ("On", True), ("1", True),
+     ("false", False), ("No", False), ("OFF", False), ("0", False), ("", False)],
+)
+def test_boolean_environment_spellings(monkeypatch: Any, raw: str, expected: bool) -> None:
+    """The usual true/false spellings of a flag are accepted in any case."""
+    monkeypatch.setenv("FLOWCORE_RUN_SINGLE_STEPS_WITHOUT_STACK", raw)
+    assert env_flag("FLOWCORE_RUN_SINGLE_STEPS_WITHOUT_STACK") is expected
+
+
+# -- §12.18 run-name templates ----------------------------------------------------------------
+
+_BAD_TEMPLATES = ["a{b", "a}b", "{date:%Y}", "{date!r}", "{date.year}", "{}"]
+
+
+@pytest.mark.parametrize("template", _BAD_TEMPLATES)
+def test_invalid_run_name_template_is_config_error_at_with_options(template: str) -> None:
+    """A lone brace, a format spec, a conversion or a non-name is a ConfigError naming it."""
+
+    @pipeline
+    def flow() -> None:
+        return None
+
+    with pytest.raises(ConfigError) as info:
+        flow.with_options(run_name=template)
+    assert template in str(info.value) and "'flow'" in str(info.value)
+
+
+@pytest.mark.parametrize("template", _BAD_TEMPLATES)
+def test_format_run_name_raises_config_error_not_value_error(template: str) -> None:
+    """Naming a run with an invalid template is a ConfigError, never a raw ValueError."""
+    with pytest.raises(ConfigError) as info:
+        format_run_name(template, pipeline_name="flow", run_id="r1",
+                        now=datetime.now(UTC))
+    assert template in str(info.value)
+
+
+async def test_unknown_placeholder_is_config_error_before_a_run(memory_stack: Any) -> None:
+    """A placeholder nobody provides is a ConfigError naming it, and no run is recorded."""
+
+    @step
+    def one() -> int:
+        return 1
+
+    @pipeline(enable_cache=False)
+    def flow() -> None:
+        one()
+
+    with pytest.raises(ConfigError, match="nope"):
+        await flow.with_options(run_name="x-{nope}").run()
+    assert listed_runs() == []
+
+
+async def test_doubled_braces_are_literal_in_run_names(memory_stack: Any) -> None:
+    """`{{` and `}}` in a run-name template are literal braces."""
+
+    @step
+    def one() -> int:
+        return 1
+
+    @pipeline(enable_cache=False)
+    def flow() -> None:
+        one()
+
+    run = await flow.with_options(run_name="x{{y}}-{pipeline_name}").run()
+    assert run.name == "x{y}-flow"

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from flowcore.config import format_validation_error
+from flowcore.config import config_errors
 from flowcore.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -87,10 +87,8 @@ def stack_from_yaml(path: Path) -> Stack:
         raise ConfigError(f"{where} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping")
-    try:
+    with config_errors(where):
         spec = _StackFile.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{where}: {format_validation_error(exc)}") from exc
     base = path.parent.absolute()
     artifact_store: Any
     if spec.artifact_store is None or spec.artifact_store == "memory":
