@@ -156,10 +156,33 @@ def _after_ids(after: Any) -> Iterator[str]:
 class Recorder:
     """Collects step invocations while a pipeline function runs."""
 
-    def __init__(self, pipeline_name: str) -> None:
+    def __init__(self, pipeline_name: str, func: Any = None) -> None:
         self.pipeline_name = pipeline_name
         self.invocations: dict[str, _Invocation] = {}
         self._next_suffix: dict[str, int] = {}
+        # The pipelines whose functions are running now, outermost first (composition).
+        self._chain: list[tuple[str, Any]] = [(pipeline_name, func)] if func is not None else []
+
+    @contextmanager
+    def composing(self, name: str, func: Any) -> Iterator[None]:
+        """Mark pipeline `name` (its function `func`) as running inside the current one.
+
+        Raises:
+            PipelineDefinitionError: it is already running, so it calls itself, directly or
+                through other pipelines; the message names the chain (`a -> b -> a`).
+        """
+        for i, (_, running) in enumerate(self._chain):
+            if running is func:
+                chain = " -> ".join([n for n, _ in self._chain[i:]] + [name])
+                raise PipelineDefinitionError(
+                    f"pipeline '{self.pipeline_name}': pipeline '{name}' calls itself "
+                    f"({chain}); a pipeline cannot contain itself"
+                )
+        self._chain.append((name, func))
+        try:
+            yield
+        finally:
+            self._chain.pop()
 
     def _new_id(self, step: Step, explicit: str | None) -> str:
         if explicit is not None:
@@ -239,9 +262,9 @@ class Recorder:
 
 
 @contextmanager
-def recording(pipeline_name: str) -> Iterator[Recorder]:
-    """Make a new recorder current while a pipeline function runs."""
-    recorder = Recorder(pipeline_name)
+def recording(pipeline_name: str, func: Any = None) -> Iterator[Recorder]:
+    """Make a new recorder current while a pipeline function (`func`, if given) runs."""
+    recorder = Recorder(pipeline_name, func)
     token = _recorder.set(recorder)
     try:
         yield recorder

@@ -126,7 +126,7 @@ class Pipeline:
         call_params.update(params)
         if "execution_mode" in options:
             _mode(options["execution_mode"], f"pipeline '{self.name}'")
-        with recording(self.name) as recorder:
+        with recording(self.name, self.func) as recorder:
             try:
                 outputs = self.func(*args, **call_params)
             except TypeError as exc:
@@ -134,6 +134,19 @@ class Pipeline:
                     raise ConfigError(f"pipeline '{self.name}': {exc}") from None
                 raise
         return compile_graph(self.name, recorder, options, run_config, call_params, outputs)
+
+    def _inline(self, args: tuple[Any, ...], params: Mapping[str, Any]) -> Any:
+        """Composition: run this pipeline's function inside the calling pipeline's recording,
+        so its steps join that graph; returns what the function returns.
+
+        Raises:
+            PipelineDefinitionError: the pipeline calls itself (`a -> b -> a`), instead of a
+                RecursionError.
+        """
+        recorder = current_recorder()
+        assert recorder is not None
+        with recorder.composing(self.name, self.func):
+            return self.func(*args, **params)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -204,7 +217,7 @@ class Pipeline:
         `synchronous=False` is configured, which returns a `RunHandle` at once.
         """
         if current_recorder() is not None:
-            return self.func(*args, **params)
+            return self._inline(args, params)
         try:
             asyncio.get_running_loop()
         except RuntimeError:

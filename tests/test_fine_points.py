@@ -533,3 +533,62 @@ async def test_doubled_braces_are_literal_in_run_names(memory_stack: Any) -> Non
 
     run = await flow.with_options(run_name="x{{y}}-{pipeline_name}").run()
     assert run.name == "x{y}-flow"
+
+
+# -- §12.19 a pipeline that calls itself ------------------------------------------------------
+
+
+@step
+def _leaf() -> int:
+    return 1
+
+
+@pipeline
+def _selfish() -> None:
+    _leaf()
+    _selfish()
+
+
+@pipeline
+def _ping() -> None:
+    _leaf()
+    _pong()
+
+
+@pipeline
+def _pong() -> None:
+    _ping()
+
+
+async def test_pipeline_calling_itself_is_a_definition_error(memory_stack: Any) -> None:
+    """A pipeline calling itself is a PipelineDefinitionError naming `a -> a`, no run recorded."""
+    with pytest.raises(PipelineDefinitionError) as info:
+        await _selfish.run()
+    assert "_selfish -> _selfish" in str(info.value)
+    assert listed_runs() == []
+
+
+def test_pipeline_calling_itself_through_another_names_the_chain() -> None:
+    """`a -> b -> a` through composition is a PipelineDefinitionError naming the chain."""
+    with pytest.raises(PipelineDefinitionError) as info:
+        _ping.compile()
+    assert "_ping -> _pong -> _ping" in str(info.value)
+    with pytest.raises(PipelineDefinitionError) as info:
+        _pong.with_options(enable_cache=False).compile()
+    assert "_pong -> _ping -> _pong" in str(info.value)
+
+
+def test_composing_one_pipeline_twice_is_not_recursion() -> None:
+    """An inner pipeline called twice in a row (not inside itself) still inlines both times."""
+
+    @pipeline
+    def inner() -> int:
+        return _leaf()  # type: ignore[no-any-return]
+
+    @pipeline
+    def outer() -> None:
+        inner()
+        inner()
+
+    graph = outer.compile()
+    assert [n.id for n in graph.nodes] == ["_leaf", "_leaf_2"]
