@@ -13,8 +13,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from flowcore._canonical import CacheKeyError, canonical
+from flowcore._canonical import canonical
 from flowcore._graph import Node
+from flowcore.exceptions import CacheKeyError
 
 __all__ = ["CACHE_KEY_VERSION", "CacheKeyError", "canonical", "compute_cache_key"]
 

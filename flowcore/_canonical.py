@@ -13,11 +13,9 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from flowcore.exceptions import CacheKeyError
+
 __all__ = ["CacheKeyError", "canonical", "canonical_digest"]
-
-
-class CacheKeyError(Exception):
-    """A value has no stable canonical form (the step is then not cached)."""
 
 
 def canonical(value: Any, path: str = "") -> Any:

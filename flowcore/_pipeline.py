@@ -17,7 +17,7 @@ from flowcore.config import (
     load_run_config,
     validate_pipeline_options,
 )
-from flowcore.exceptions import ConfigError, FlowcoreError
+from flowcore.exceptions import ConfigError, FlowcoreError, SyncCallOnLoopError
 
 if TYPE_CHECKING:
     from flowcore._handles import RunHandle
@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from flowcore._prepare import PreparedRun
     from flowcore.stack import Stack
 
-__all__ = ["PIPELINE_OPTIONS", "Pipeline", "pipeline"]
+# SyncCallOnLoopError is defined in flowcore.exceptions and re-exported for older imports.
+__all__ = ["PIPELINE_OPTIONS", "Pipeline", "SyncCallOnLoopError", "pipeline"]
 
 PIPELINE_OPTIONS = frozenset({
     "enable_cache", "execution_mode", "on_start", "on_success", "on_failure", "on_end", "retry",
@@ -33,10 +34,6 @@ PIPELINE_OPTIONS = frozenset({
     "substitutions", "clock", "enable_artifact_metadata", "name", "extra", "model",
     "capture_logs",
 })
-
-
-class SyncCallOnLoopError(FlowcoreError, RuntimeError):
-    """A synchronous run was started on a thread whose event loop is running."""
 
 
 def _mode(value: Any, where: str) -> ExecutionMode:

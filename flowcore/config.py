@@ -140,12 +140,14 @@ class _CommonOptions(BaseModel):
 
 class _StepOptions(_CommonOptions):
     timeout: Seconds | None = None
+    pool: ComponentName | None = None
     step_operator: ComponentName | None = None
     experiment_tracker: ComponentName | None = None
     output_materializers: dict[str, Any] | type | str | None = None
 
 
 class _PipelineOptions(_CommonOptions):
+    timeout: Seconds | None = None
     execution_mode: ExecutionMode | None = None
     max_concurrency: Concurrency | None = None
     run_name: RunNameTemplate | None = None

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ArtifactLoadError",
+    "CacheKeyError",
     "ConfigError",
     "FlowcoreError",
     "MaterializerError",
@@ -16,11 +17,14 @@ __all__ = [
     "RunFailedError",
     "RunNameConflictError",
     "RunNotFoundError",
+    "RunStateError",
+    "RunTimeoutError",
     "StepContextError",
     "StepInputError",
     "StepOutputError",
     "StepTimeoutError",
     "StoreError",
+    "SyncCallOnLoopError",
 ]
 
 
@@ -81,6 +85,23 @@ class MaterializerError(FlowcoreError):
 
 class StoreError(FlowcoreError):
     """The metadata or artifact store cannot be opened, read or written."""
+
+
+class RunStateError(FlowcoreError):
+    """A run is in the wrong state for the request (resuming a run that is still RUNNING)."""
+
+
+class RunTimeoutError(FlowcoreError):
+    """A run passed its deadline (`timeout=` of the pipeline) and was cancelled."""
+
+
+class SyncCallOnLoopError(FlowcoreError, RuntimeError):
+    """A synchronous run was started on a thread whose event loop is running."""
+
+
+class CacheKeyError(FlowcoreError):
+    """A value has no stable canonical form (the step is then not cached, never an error of
+    the run: flowcore catches it)."""
 
 
 class RunNotFoundError(FlowcoreError, KeyError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import subprocess
@@ -17,6 +18,7 @@ import flowcore
 from flowcore import (
     ConfigError,
     ExecutionMode,
+    FlowcoreError,
     OutputHandle,
     PipelineDefinitionError,
     RunFailedError,
@@ -592,3 +594,40 @@ def test_composing_one_pipeline_twice_is_not_recursion() -> None:
 
     graph = outer.compile()
     assert [n.id for n in graph.nodes] == ["_leaf", "_leaf_2"]
+
+
+# -- every exception class in flowcore/exceptions.py ------------------------------------------
+
+# Defined elsewhere by their owners' modules, pending a move (see the definition-side report).
+_KNOWN_ELSEWHERE = {"UsageError", "StepOperatorError", "_WriteFailed"}
+
+
+def _exception_classes_outside_exceptions_py() -> list[str]:
+    root = Path(flowcore.__file__).resolve().parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "exceptions.py" and path.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            bases = [ast.unparse(b).rsplit(".", 1)[-1] for b in node.bases]
+            if any(b.endswith(("Error", "Exception")) for b in bases):
+                found.append(node.name)
+    return found
+
+
+def test_exception_classes_live_in_exceptions_py() -> None:
+    """No module but flowcore/exceptions.py defines an exception class (known leftovers aside)."""
+    assert set(_exception_classes_outside_exceptions_py()) <= _KNOWN_ELSEWHERE
+
+
+def test_moved_exceptions_keep_their_old_import_paths() -> None:
+    """SyncCallOnLoopError and CacheKeyError are the exceptions.py classes under old names too."""
+    from flowcore import _canonical, _pipeline, exceptions
+
+    assert _pipeline.SyncCallOnLoopError is exceptions.SyncCallOnLoopError
+    assert _canonical.CacheKeyError is exceptions.CacheKeyError
+    assert issubclass(exceptions.SyncCallOnLoopError, FlowcoreError)
+    assert issubclass(exceptions.SyncCallOnLoopError, RuntimeError)
+    assert issubclass(exceptions.CacheKeyError, FlowcoreError)
