@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -237,3 +238,54 @@ def test_a_damaged_page_met_while_reading_is_a_store_error_naming_the_read(tmp_p
     with pytest.raises(StoreError) as info:
         Client(Stack.local(tmp_path)).get_pipeline_run("fine")
     assert str(db_path) in str(info.value) and "(reading)" in str(info.value)
+
+
+# -- one connection per event loop, closed with the loop -------------------------------------
+
+
+def _threads_and_fds() -> tuple[int, int]:
+    return threading.active_count(), len(os.listdir("/proc/self/fd"))
+
+
+def _assert_flat(before: tuple[int, int], slack: int = 2) -> None:
+    threads, fds = _threads_and_fds()
+    assert threads <= before[0] + slack and fds <= before[1] + 2 * slack, (before, (threads, fds))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open fds in /proc")
+def test_each_asyncio_run_closes_its_connection_at_loop_shutdown(tmp_path: Path) -> None:
+    """Fifty `asyncio.run(p.run())` calls on one local stack leave thread and fd counts flat:
+    the connection opened on each loop is closed when that loop shuts down."""
+    run = marked.with_options(stack=Stack.local(tmp_path))
+    asyncio.run(run.run())  # the first run starts process-wide pools
+    before = _threads_and_fds()
+    for _ in range(50):
+        asyncio.run(run.run())
+    _assert_flat(before)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open fds in /proc")
+def test_a_stack_moves_between_loops_and_closes_without_leaking(tmp_path: Path) -> None:
+    """A stack used on one loop keeps working on the next ones (asyncio.run, asyncio.Runner with
+    several runs on one loop, a plain call), `Stack.close()` included, and nothing leaks."""
+    stack = Stack.local(tmp_path)
+    run = marked.with_options(stack=stack)
+    asyncio.run(run.run())
+    before = _threads_and_fds()
+
+    async def run_close_run() -> int:
+        await run.run()
+        await stack.close()  # closes this loop's store; the next use opens it again
+        await run.run()
+        return len(await AsyncClient(stack).list_pipeline_runs(limit=1000))
+
+    for round_ in range(10):
+        assert asyncio.run(run_close_run()) == 1 + 4 * round_ + 2
+        with asyncio.Runner() as runner:
+            for _ in range(2):
+                runner.run(run.run())
+            _assert_flat(before, slack=3)  # this loop's connection is still open
+        _assert_flat(before)
+    run()
+    assert len(Client(stack).list_pipeline_runs(limit=1000)) == 1 + 4 * 10 + 1
+    _assert_flat(before)

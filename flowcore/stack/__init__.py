@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,15 @@ __all__ = [
 ]
 
 MetadataFactory = Callable[[ArtifactStore], MetadataStore]
+
+
+@dataclass(eq=False)
+class _LoopStore:
+    """The metadata store a stack opened on one event loop, and what closes it with the loop."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    store: MetadataStore | None = None
+    closer: AsyncGenerator[None, None] | None = None
 
 
 def flowcore_home() -> Path:
@@ -74,10 +84,7 @@ class Stack:
         # per event loop, because its connection belongs to the loop that opened it.
         self._shared_store = metadata_store
         self._factory = metadata_factory
-        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MetadataStore] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._open_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopStore] = (
             weakref.WeakKeyDictionary()
         )
         self.alerter = alerter
@@ -154,30 +161,55 @@ class Stack:
         if self._shared_store is not None:
             return self._shared_store
         loop = asyncio.get_running_loop()
-        store = self._per_loop.get(loop)
-        if store is not None:
-            return store
-        lock = self._open_locks.setdefault(loop, asyncio.Lock())
-        async with lock:
-            store = self._per_loop.get(loop)
-            if store is None:
+        entry = self._per_loop.get(loop)
+        if entry is None:
+            entry = self._per_loop[loop] = _LoopStore()
+        if entry.store is not None:
+            return entry.store
+        async with entry.lock:
+            if entry.store is None:
                 assert self._factory is not None
                 store = self._factory(self.artifact_store)
                 await store.open()
-                self._per_loop[loop] = store
-        return store
+                # Each `asyncio.run(p.run())` is a new loop, hence a new connection and its
+                # thread, and nothing tells us when the caller is done with them; but
+                # asyncio.run (and anyio, pytest-asyncio, asyncio.Runner) ends a loop with
+                # `shutdown_asyncgens()`, which closes every async generator started on it and
+                # still suspended. This one's `finally` closes the store: the connection lives
+                # exactly as long as its loop, at no cost per run and with no thread or
+                # callback watching. (A done-callback on the calling task would close it after
+                # every run; a weakref finalizer on the loop runs after the loop is closed, when
+                # the store can no longer be awaited.) The loop keeps only a weak reference to
+                # the generator: `entry.closer` is the strong one.
+                closer = self._close_with_loop(entry, store)
+                await anext(closer)
+                entry.store, entry.closer = store, closer
+        assert entry.store is not None
+        return entry.store
+
+    async def _close_with_loop(self, entry: _LoopStore, store: MetadataStore
+                               ) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            loop = asyncio.get_running_loop()
+            if self._per_loop.get(loop) is entry:
+                del self._per_loop[loop]
+            entry.store = entry.closer = None
+            await store.close()
 
     async def close(self) -> None:
         """Close what was opened on the running loop: the store and the step operators' pools
-        and clusters (the next use opens them again)."""
+        and clusters (the next use opens them again). The loop's shutdown closes its store
+        by itself (see `metadata_store`)."""
         for operator in self.step_operators.values():
             await operator.stop()
         if self._shared_store is not None:
             return
-        loop = asyncio.get_running_loop()
-        store = self._per_loop.pop(loop, None)
-        if store is not None:
-            await store.close()
+        entry = self._per_loop.get(asyncio.get_running_loop())
+        if entry is not None and entry.closer is not None:
+            closer, entry.closer = entry.closer, None  # a concurrent close() must not re-enter it
+            await closer.aclose()
 
     def step_operator(self, name: str | None) -> StepOperator:
         """The operator named `name`, or the local one for None."""
