@@ -35,7 +35,6 @@ __all__ = [
     "StepRetryConfig",
     "config_errors",
     "env_flag",
-    "env_int",
     "load_run_config",
     "validate_pipeline_options",
     "validate_step_options",
@@ -232,24 +231,6 @@ def env_flag(name: str) -> bool:
         f"environment variable {name}={raw!r} is not a boolean; use true/false, 1/0, yes/no "
         "or on/off"
     )
-
-
-def env_int(name: str, default: int, *, minimum: int = 1) -> int:
-    """An integer environment variable, `default` when unset or empty.
-
-    Raises:
-        ConfigError: the value is not an integer >= `minimum`.
-    """
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise ConfigError(f"environment variable {name}={raw!r} must be at least {minimum}")
-    return value
 
 
 def _message(error: Any) -> str:
