@@ -19,6 +19,7 @@ from flowcore._batching import Coalescer
 from flowcore._models import ArtifactVersion, PipelineRun, RunStatus, StepRun
 from flowcore.exceptions import StoreError
 from flowcore.stores import _sqlite_ops as ops
+from flowcore.stores import _sqlite_reads as reads
 from flowcore.stores._base import ArtifactStore, MetadataStore
 from flowcore.stores._sqlite_commit import Connection, Pending, commit_batch, mark_retrieved, settle
 from flowcore.stores._sqlite_errors import StoreErrors
@@ -233,7 +234,7 @@ class SqliteMetadataStore(MetadataStore):
     async def _read(self, read: Callable[[sqlite3.Connection], T]) -> T:
         db = await self._connection()
         with self._errors("reading"):
-            return await db.run(partial(ops.read_snapshot, read=read))
+            return await db.run(partial(reads.read_snapshot, read=read))
 
     # -- MetadataStore ----------------------------------------------------------------------
 
@@ -307,7 +308,7 @@ class SqliteMetadataStore(MetadataStore):
         await self._write(ops.heartbeat(run.id, _now()))
 
     async def get_run(self, name_or_id: str) -> PipelineRun:
-        return self._bind_run(await self._read(partial(ops.read_run, name_or_id=name_or_id)))
+        return self._bind_run(await self._read(partial(reads.read_run, name_or_id=name_or_id)))
 
     async def list_runs(
         self,
@@ -317,15 +318,15 @@ class SqliteMetadataStore(MetadataStore):
     ) -> list[PipelineRun]:
         wanted = RunStatus(status) if status is not None else None
         runs = await self._read(
-            partial(ops.list_runs, pipeline_name=pipeline_name, status=wanted, limit=limit)
+            partial(reads.list_runs, pipeline_name=pipeline_name, status=wanted, limit=limit)
         )
         return [self._bind_run(run) for run in runs]
 
     async def get_step_logs(self, step_run_id: str) -> str:
-        return await self._read(partial(ops.read_step_logs, step_run_id=step_run_id))
+        return await self._read(partial(reads.read_step_logs, step_run_id=step_run_id))
 
     async def get_artifact(self, artifact_id: str) -> ArtifactVersion:
-        artifact = await self._read(partial(ops.read_artifact, artifact_id=artifact_id))
+        artifact = await self._read(partial(reads.read_artifact, artifact_id=artifact_id))
         return self.artifact_store.bind(artifact)
 
     async def find_cached(self, cache_key: str) -> StepRun | None:
@@ -334,7 +335,7 @@ class SqliteMetadataStore(MetadataStore):
         return await self._lookups(cache_key)
 
     async def _find_cached_many(self, keys: list[str]) -> list[Any]:
-        found = await self._read(partial(ops.find_cached_many, cache_keys=list(dict.fromkeys(keys))))
+        found = await self._read(partial(reads.find_cached_many, cache_keys=list(dict.fromkeys(keys))))
         for step_run in found.values():
             self._bind_step(step_run)
         return [found.get(key) for key in keys]
