@@ -7,8 +7,8 @@ or from a script (`pipeline()`).
 
 from __future__ import annotations
 
+from flowcore._engine._handle import RunHandle
 from flowcore._graph import Graph
-from flowcore._handles import RunHandle
 from flowcore._logging import enable_console_logging
 from flowcore._models import (
     ArtifactVersion,
@@ -33,6 +33,8 @@ from flowcore.exceptions import (
     RunFailedError,
     RunNameConflictError,
     RunNotFoundError,
+    RunStateError,
+    RunTimeoutError,
     StepContextError,
     StepInputError,
     StepOutputError,
@@ -64,7 +66,9 @@ __all__ = [
     "RunHandle",
     "RunNameConflictError",
     "RunNotFoundError",
+    "RunStateError",
     "RunStatus",
+    "RunTimeoutError",
     "Stack",
     "Step",
     "StepContext",

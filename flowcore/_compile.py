@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowcore._graph import Graph, MapSpec, Node, OutputRef, contains_ref, iter_refs, to_refs
+from flowcore._arguments import to_refs
+from flowcore._graph import Graph, MapSpec, Node, OutputRef, contains_ref, iter_refs
 from flowcore._step import OutputHandle, Step, unmapped
 from flowcore.config import (
     RunConfigFile,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import functools
 from collections.abc import Callable, Mapping
@@ -17,13 +16,11 @@ from flowcore.config import (
     load_run_config,
     validate_pipeline_options,
 )
-from flowcore.exceptions import ConfigError, FlowcoreError, SyncCallOnLoopError
+from flowcore.exceptions import ConfigError, SyncCallOnLoopError
 
 if TYPE_CHECKING:
-    from flowcore._handles import RunHandle
+    from flowcore._engine._launch import RunHandle
     from flowcore._models import PipelineRun
-    from flowcore._prepare import PreparedRun
-    from flowcore.stack import Stack
 
 # SyncCallOnLoopError is defined in flowcore.exceptions and re-exported for older imports.
 __all__ = ["PIPELINE_OPTIONS", "Pipeline", "SyncCallOnLoopError", "pipeline"]
@@ -147,40 +144,6 @@ class Pipeline:
 
     # -- running ---------------------------------------------------------------------------
 
-    def _prepare(
-        self, args: tuple[Any, ...], params: Mapping[str, Any], *, stack: Stack | None = None
-    ) -> tuple[PreparedRun, dict[str, Any]]:
-        from flowcore._prepare import prepare_run
-        from flowcore.stack import Stack, get_active_stack
-
-        options, run_config = self._resolved_options()
-        graph = self._compile(options, run_config, args, params)
-        chosen = stack or options.get("stack") or get_active_stack()
-        if not isinstance(chosen, Stack):
-            raise ConfigError(f"pipeline '{self.name}': stack= must be a Stack, not {chosen!r}")
-        settings = options.get("settings") or {}
-        orch = settings.get("orchestrator") or {}
-        if not isinstance(orch, Mapping):
-            raise ConfigError(f"pipeline '{self.name}': settings 'orchestrator' must be a mapping")
-        unknown = set(orch) - {"synchronous"}
-        if unknown:
-            raise ConfigError(
-                f"pipeline '{self.name}': settings 'orchestrator' has unknown key "
-                f"'{sorted(unknown)[0]}' (known: synchronous)"
-            )
-        prep = prepare_run(
-            graph,
-            stack=chosen,
-            mode=_mode(options.get("execution_mode") or ExecutionMode.CONTINUE_ON_FAILURE,
-                       f"pipeline '{self.name}'"),
-            max_concurrency=options.get("max_concurrency"),
-            clock=options.get("clock"),
-            run_name=options.get("run_name"),
-            substitutions=options.get("substitutions"),
-            capture_logs=bool(options.get("capture_logs", True)),
-        )
-        return prep, options
-
     async def run(self, *args: Any, **params: Any) -> PipelineRun:
         """Run on the caller's event loop and return the finished `PipelineRun`.
 
@@ -188,24 +151,15 @@ class Pipeline:
             RunFailedError: a step failed.
             PipelineDefinitionError, ConfigError, RunNameConflictError: before any step runs.
         """
-        from flowcore._runner import execute
+        from flowcore._engine._launch import run_pipeline
 
-        prep, _ = self._prepare(args, params)
-        return await execute(prep)
+        return await run_pipeline(self, args, params)
 
     def submit(self, *args: Any, **params: Any) -> RunHandle:
         """Start a background run on the running loop and return its `RunHandle` at once."""
-        from flowcore._handles import start_background
+        from flowcore._engine._launch import submit_pipeline
 
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            raise FlowcoreError(
-                f"pipeline '{self.name}': submit() needs a running event loop; from "
-                "synchronous code use pipeline.with_options(synchronous=False)(...)"
-            ) from None
-        prep, _ = self._prepare(args, params)
-        return start_background(prep)
+        return submit_pipeline(self, args, params)
 
     def __call__(self, *args: Any, **params: Any) -> Any:
         """Inside another pipeline: inline this one (composition). Elsewhere: run it.
@@ -215,26 +169,9 @@ class Pipeline:
         """
         if current_recorder() is not None:
             return self._inline(args, params)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            raise SyncCallOnLoopError(
-                f"pipeline '{self.name}' was called synchronously on a thread whose event loop "
-                f"is running; use `await {self.name}.run(...)` (or `.submit(...)` for a "
-                "background run) instead"
-            )
-        prep, options = self._prepare(args, params)
-        synchronous = options.get("synchronous")
-        orch = (options.get("settings") or {}).get("orchestrator") or {}
-        if synchronous is None:
-            synchronous = orch.get("synchronous", True)
-        from flowcore._sync import run_in_thread, run_sync
+        from flowcore._engine._launch import call_pipeline
 
-        if synchronous:
-            return run_sync(prep)
-        return run_in_thread(prep)
+        return call_pipeline(self, args, params)
 
 
 @overload

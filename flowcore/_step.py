@@ -155,7 +155,7 @@ class Step:
             )
         if env_flag("FLOWCORE_RUN_SINGLE_STEPS_WITHOUT_STACK"):
             return self.entrypoint(*args, **kwargs)
-        from flowcore._single import run_step_sync
+        from flowcore._engine._launch import run_step_sync
 
         return run_step_sync(self, args, kwargs)
 
@@ -166,7 +166,7 @@ class Step:
             if self.is_async:
                 result = await result
             return result
-        from flowcore._single import run_step_async
+        from flowcore._engine._launch import run_step_async
 
         return await run_step_async(self, args, kwargs)
 

@@ -46,15 +46,13 @@ from flowcore.exceptions import (
     RunFailedError,
     RunNameConflictError,
     RunNotFoundError,
+    UsageError,
 )
 
 __all__ = ["UsageError", "main"]
 
 PROG = "flowcore"
 
-
-class UsageError(FlowcoreError):
-    """A mistake in the command line: reported as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):

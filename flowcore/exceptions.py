@@ -21,10 +21,12 @@ __all__ = [
     "RunTimeoutError",
     "StepContextError",
     "StepInputError",
+    "StepOperatorError",
     "StepOutputError",
     "StepTimeoutError",
     "StoreError",
     "SyncCallOnLoopError",
+    "UsageError",
 ]
 
 
@@ -109,3 +111,16 @@ class RunNotFoundError(FlowcoreError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class StepOperatorError(FlowcoreError):
+    """A step operator could not run a step (a worker process died, a cluster went away)."""
+
+
+class UsageError(FlowcoreError):
+    """A mistake in the command line: reported as one line, exit code 2."""
+
+
+class _WriteFailed(Exception):
+    """Internal to the SQLite store: a write of a batch failed on the fast path (the batch is
+    replayed with savepoints); never reaches users."""

@@ -13,12 +13,8 @@ from pydantic import BaseModel, ConfigDict
 
 from flowcore._batching import Coalescer
 from flowcore._threads import run_in_worker_thread
-from flowcore.exceptions import ConfigError, FlowcoreError
+from flowcore.exceptions import ConfigError, StepOperatorError
 from flowcore.stack._process_worker import Worker
-
-
-class StepOperatorError(FlowcoreError):
-    """A step operator could not run a step (a worker process died, a cluster went away)."""
 
 __all__ = [
     "DaskStepOperator",

@@ -13,6 +13,8 @@ from typing import Any, TypeVar, cast
 
 import aiosqlite
 
+from flowcore.exceptions import _WriteFailed
+
 __all__ = ["Connection", "Pending", "commit_batch", "mark_retrieved", "settle"]
 
 T = TypeVar("T")
@@ -87,10 +89,6 @@ def commit_batch(
                for pending, (result, error) in zip(batch, outcomes, strict=True)]
     # One wake-up of the event loop per batch, not one per write.
     _settle_all_threadsafe(settled, lost)
-
-
-class _WriteFailed(Exception):
-    """A write of a batch failed on the fast path (replayed with savepoints)."""
 
 
 def _apply(

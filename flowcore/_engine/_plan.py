@@ -1,4 +1,4 @@
-"""Preparing a run: everything checked and resolved before any step runs.
+"""The run plan: everything checked and resolved before any step runs, then frozen.
 
 Binds hooks, resolves materializers, step operators, trackers and their settings once per
 step (shared by all invocations of it), names the run and creates its step-run records.
@@ -6,14 +6,13 @@ step (shared by all invocations of it), names the run and creates its step-run r
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from flowcore import _logging as flog
+from flowcore._clock import SystemClock, utcnow
 from flowcore._compile import ResolvedStepConfig
 from flowcore._graph import Graph
 from flowcore._hooks import HOOK_KINDS, BoundHook, bind_hook
@@ -23,7 +22,8 @@ from flowcore._models import (
     StepRunConfig,
 )
 from flowcore._naming import DEFAULT_RUN_NAME, format_run_name
-from flowcore.config import ExecutionMode
+from flowcore._threads import max_threads
+from flowcore.config import ExecutionMode, config_errors
 from flowcore.context import PipelineInfo
 from flowcore.exceptions import (
     ConfigError,
@@ -31,25 +31,7 @@ from flowcore.exceptions import (
 from flowcore.stack import Stack
 from flowcore.typing import Clock
 
-__all__ = ["NodePlan", "PreparedRun", "SystemClock", "prepare_run", "utcnow"]
-
-_now = datetime.now
-
-
-def utcnow() -> datetime:
-    """Now, timezone-aware UTC."""
-    return _now(UTC)
-
-
-class SystemClock:
-    """Real time: `asyncio.sleep` and `time.monotonic`."""
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-    def monotonic(self) -> float:
-        return asyncio.get_running_loop().time()
-
+__all__ = ["NodePlan", "RunPlan", "prepare_run"]
 
 _SYSTEM_CLOCK = SystemClock()
 
@@ -84,10 +66,6 @@ def _validated_settings(cfg: ResolvedStepConfig, kind: str, component: Any, wher
     keys = [k for k in cfg.settings if k == kind or k.startswith(kind + ".")]
     if not keys:
         return None
-    from pydantic import ValidationError
-
-    from flowcore.config import format_validation_error
-
     if component is None:
         for key in keys:
             flog.log(logging.WARNING, "settings_unused", where=where, key=key,
@@ -100,18 +78,14 @@ def _validated_settings(cfg: ResolvedStepConfig, kind: str, component: Any, wher
             flog.log(logging.WARNING, "settings_unused", where=where, key=key,
                      reason=f"the step's {kind} is of flavor '{component.flavor}'")
             continue
-        try:
+        with config_errors(f"{where}: settings '{key}'"):
             validated = component.SETTINGS.model_validate(cfg.settings[key])
-        except ValidationError as exc:
-            raise ConfigError(
-                f"{where}: settings '{key}': {format_validation_error(exc)}"
-            ) from None
         if chosen is None or flavor:
             chosen = validated
     return chosen
 
 
-class PreparedRun:
+class RunPlan:
     """A run checked and named, ready to execute; all errors so far are raised before this."""
 
     def __init__(
@@ -138,7 +112,9 @@ class PreparedRun:
         self.clock = clock
         self.pipeline_info = pipeline_info
         self.single_step = single_step
-        # Filled in by execute(): the first step error and, for single-step runs, the values.
+        # Filled in by the run: whether it began (a background run cancelled before its task
+        # first ran never did), the first step error and, for single-step runs, the values.
+        self.started = False
         self.first_error: BaseException | None = None
         self.values: list[dict[str, Any] | None] = []
 
@@ -219,13 +195,14 @@ def prepare_run(
     unlisted: bool = False,
     single_step: bool = False,
     capture_logs: bool = True,
-) -> PreparedRun:
+) -> RunPlan:
     """Check everything that can be checked without running a step, and name the run.
 
     Raises:
         PipelineDefinitionError, ConfigError, MaterializerError: before any step runs.
     """
     plans = _bind_plans(graph, stack)
+    max_threads()  # a bad FLOWCORE_MAX_THREADS is a ConfigError before the run is recorded
     if max_concurrency is not None and max_concurrency < 1:
         raise ConfigError(
             f"pipeline '{graph.pipeline_name}': max_concurrency must be >= 1, not {max_concurrency}"
@@ -264,7 +241,7 @@ def prepare_run(
         )
         if node.parents:
             sr.upstream = tuple(nodes[p].id for p in node.parents)
-    return PreparedRun(
+    return RunPlan(
         graph=graph,
         stack=stack,
         run=run,

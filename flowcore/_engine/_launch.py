@@ -1,0 +1,231 @@
+"""Every way a user starts a run: `await p.run()`, `p()`, `p.submit()`, a non-synchronous
+call on a thread of its own, and a single step called outside a pipeline.
+
+The definition layer reaches the engine only through this module (one late import each from
+`_pipeline.py` and `_step.py`); the running-loop check for synchronous calls lives here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from flowcore._engine._handle import RunHandle, execute_owned
+from flowcore._engine._outputs import output_value
+from flowcore._engine._plan import RunPlan, prepare_run
+from flowcore._engine._run import execute
+from flowcore._models import PipelineRun, StepStatus
+from flowcore.config import ExecutionMode
+from flowcore.exceptions import ConfigError, FlowcoreError
+from flowcore.stack import Stack, get_active_stack
+
+if TYPE_CHECKING:
+    from flowcore._pipeline import Pipeline
+    from flowcore._step import Step
+
+__all__ = [
+    "RunHandle",
+    "call_pipeline",
+    "ensure_no_running_loop",
+    "run_pipeline",
+    "run_step_async",
+    "run_step_sync",
+    "submit_pipeline",
+]
+
+T = TypeVar("T")
+
+# Strong references to background runs (the loop keeps only weak ones); each is owned by the
+# RunHandle returned to the caller, who awaits or cancels it.
+_BACKGROUND: set[asyncio.Task[PipelineRun]] = set()
+
+
+def ensure_no_running_loop(what: str, instead: str) -> None:
+    """Refuse a blocking call on a thread whose event loop is running (it would deadlock).
+
+    Raises:
+        SyncCallOnLoopError: naming what was called and the `await` form to use instead.
+    """
+    from flowcore._pipeline import SyncCallOnLoopError
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise SyncCallOnLoopError(
+        f"{what} was called synchronously on a thread whose event loop is running; "
+        f"use {instead} instead"
+    )
+
+
+# -- pipelines -------------------------------------------------------------------------------
+
+
+def plan_pipeline_run(
+    pipeline: Pipeline, args: tuple[Any, ...], params: Mapping[str, Any],
+) -> tuple[RunPlan, Mapping[str, Any]]:
+    """Compile, resolve and check everything before a run is recorded.
+
+    Raises:
+        PipelineDefinitionError, ConfigError, MaterializerError: before any step runs.
+    """
+    from flowcore._pipeline import _mode
+
+    options, run_config = pipeline._resolved_options()
+    graph = pipeline._compile(options, run_config, args, params)
+    where = f"pipeline '{pipeline.name}'"
+    chosen = options.get("stack") or get_active_stack()
+    if not isinstance(chosen, Stack):
+        raise ConfigError(f"{where}: stack= must be a Stack, not {chosen!r}")
+    settings = options.get("settings") or {}
+    orch = settings.get("orchestrator") or {}
+    if not isinstance(orch, Mapping):
+        raise ConfigError(f"{where}: settings 'orchestrator' must be a mapping")
+    unknown = set(orch) - {"synchronous"}
+    if unknown:
+        raise ConfigError(
+            f"{where}: settings 'orchestrator' has unknown key '{sorted(unknown)[0]}' "
+            "(known: synchronous)"
+        )
+    plan = prepare_run(
+        graph,
+        stack=chosen,
+        mode=_mode(options.get("execution_mode") or ExecutionMode.CONTINUE_ON_FAILURE, where),
+        max_concurrency=options.get("max_concurrency"),
+        clock=options.get("clock"),
+        run_name=options.get("run_name"),
+        substitutions=options.get("substitutions"),
+        capture_logs=bool(options.get("capture_logs", True)),
+    )
+    return plan, options
+
+
+async def run_pipeline(pipeline: Pipeline, args: tuple[Any, ...],
+                       params: Mapping[str, Any]) -> PipelineRun:
+    """`await p.run(...)`: run on the caller's loop."""
+    plan, _ = plan_pipeline_run(pipeline, args, params)
+    return await execute(plan)
+
+
+def submit_pipeline(pipeline: Pipeline, args: tuple[Any, ...],
+                    params: Mapping[str, Any]) -> RunHandle:
+    """`p.submit(...)`: start a background run on the running loop."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        raise FlowcoreError(
+            f"pipeline '{pipeline.name}': submit() needs a running event loop; from "
+            "synchronous code use pipeline.with_options(synchronous=False)(...)"
+        ) from None
+    plan, _ = plan_pipeline_run(pipeline, args, params)
+    task = loop.create_task(execute_owned(plan), name=f"flowcore:run:{plan.run.name}")
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return RunHandle(plan, task=task)
+
+
+def call_pipeline(pipeline: Pipeline, args: tuple[Any, ...],
+                  params: Mapping[str, Any]) -> PipelineRun | RunHandle:
+    """`p(...)` from synchronous code: block until the run ends, or (`synchronous=False`)
+    start it on a thread of its own and return its handle."""
+    ensure_no_running_loop(
+        f"pipeline '{pipeline.name}'",
+        f"`await {pipeline.name}.run(...)` (or `.submit(...)` for a background run)",
+    )
+    plan, options = plan_pipeline_run(pipeline, args, params)
+    synchronous = options.get("synchronous")
+    if synchronous is None:
+        orch = (options.get("settings") or {}).get("orchestrator") or {}
+        synchronous = orch.get("synchronous", True)
+    if synchronous:
+        return _run_sync_with_stack(plan.stack, lambda: execute(plan))
+    return _run_in_thread(plan)
+
+
+def _run_sync_with_stack(stack: Stack, make: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine on a fresh event loop, closing the stack's store for that loop after."""
+
+    async def main() -> T:
+        try:
+            return await make()
+        finally:
+            await asyncio.shield(stack.close())
+
+    return asyncio.run(main())
+
+
+def _run_in_thread(plan: RunPlan) -> RunHandle:
+    """Start the run on a new thread with its own loop; the handle's `.result()` blocks."""
+    future: concurrent.futures.Future[PipelineRun] = concurrent.futures.Future()
+    started = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def main() -> PipelineRun:
+        holder["loop"] = asyncio.get_running_loop()
+        holder["task"] = asyncio.current_task()
+        started.set()
+        try:
+            return await execute_owned(plan)
+        finally:
+            await asyncio.shield(plan.stack.close())
+
+    def target() -> None:
+        try:
+            result = asyncio.run(main())
+        except BaseException as exc:
+            started.set()
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    thread = threading.Thread(target=target, name=f"flowcore:{plan.run.name}", daemon=False)
+    thread.start()
+    started.wait()
+    return RunHandle(plan, future=future, loop=holder.get("loop"),
+                     thread_task=holder.get("task"))
+
+
+# -- single steps ----------------------------------------------------------------------------
+
+
+async def run_step_async(step: Step, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run `step` alone (caching off, as in ZenML) and return its output value(s).
+
+    The step's own error (a StepInputError for a wrong input) is raised directly.
+    """
+    from flowcore._compile import compile_graph, recording
+
+    pipeline_name = f"{step.name}_single_step"
+    single = step.with_options(enable_cache=False)
+    with recording(pipeline_name) as recorder:
+        single(*args, **kwargs)
+    graph = compile_graph(pipeline_name, recorder, {"enable_cache": False})
+    plan = prepare_run(
+        graph,
+        stack=get_active_stack(),
+        mode=ExecutionMode.FAIL_FAST,
+        max_concurrency=None,
+        clock=None,
+        run_name="{pipeline_name}-{date}-{time}-{run_id}",
+        substitutions=None,
+        unlisted=True,
+        single_step=True,
+    )
+    node = graph.nodes[0]
+    run = await execute(plan, raise_on_failure=False)
+    step_run = run.steps[node.id]
+    if step_run.status is not StepStatus.COMPLETED:
+        if plan.first_error is not None:
+            raise plan.first_error
+        raise FlowcoreError(f"single-step run '{run.name}' ended {step_run.status.value}")
+    return output_value(node, plan.values[0] or {})
+
+
+def run_step_sync(step: Step, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`run_step_async` from synchronous code (refuses on a thread with a running loop)."""
+    ensure_no_running_loop(f"step '{step.name}' (outside a pipeline)",
+                           f"`await {step.name}.run(...)`")
+    return _run_sync_with_stack(get_active_stack(), lambda: run_step_async(step, args, kwargs))

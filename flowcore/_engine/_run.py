@@ -1,0 +1,172 @@
+"""One run from frozen plan to finished record, on the caller's event loop.
+
+A services group (the store's writer, the heartbeat) lives around the scheduler's steps group.
+However the run ends — completion, a failure, the caller's cancellation (asyncio or an anyio
+cancel scope), or an error inside flowcore — its record is finished before `execute` returns
+or raises: every step row terminal, every queued write committed, then the run's own row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import anyio
+
+from flowcore import _capture
+from flowcore._engine._invocation import run_cancelled
+from flowcore._engine._lifecycle import Lifecycle
+from flowcore._engine._plan import RunPlan
+from flowcore._engine._scheduler import Scheduler
+from flowcore._models import PipelineRun, RunStatus, StepStatus
+from flowcore.exceptions import RunFailedError
+from flowcore.stores._base import MetadataStore
+
+__all__ = ["execute", "finish_regardless", "record_unstarted"]
+
+T = TypeVar("T")
+
+_HEARTBEAT_EVERY = 10.0
+
+
+async def finish_regardless(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` to its end even while the caller is being cancelled.
+
+    An anyio cancel scope keeps cancelling its task until the scope exits, and plain asyncio
+    may cancel more than once; both would otherwise abandon the write half-way. A
+    cancellation that arrived meanwhile is raised once the work is done.
+    """
+    task = asyncio.ensure_future(work)
+    interrupted = False
+    with anyio.CancelScope(shield=True):
+        while True:
+            try:
+                result = await asyncio.shield(task)
+                break
+            except asyncio.CancelledError:
+                if task.done():
+                    raise
+                interrupted = True
+    if interrupted:
+        raise asyncio.CancelledError
+    return result
+
+
+def _final_status(run: PipelineRun) -> RunStatus:
+    statuses = {sr.status for sr in run.steps.values()}
+    if StepStatus.FAILED in statuses:
+        return RunStatus.FAILED
+    if StepStatus.STOPPED in statuses:
+        return RunStatus.STOPPED
+    return RunStatus.COMPLETED
+
+
+def failed_invocations(run: PipelineRun) -> list[str]:
+    """IDs of the failed invocations; a mapped step by its failed elements' own IDs."""
+    failed = [sr.name for sr in run.steps.values() if sr.status is StepStatus.FAILED]
+    elements_of = {name.rpartition("[")[0] for name in failed if name.endswith("]")}
+    return [name for name in failed if name not in elements_of]
+
+
+async def _heartbeat(store: Any, run: PipelineRun) -> None:
+    while True:
+        await asyncio.sleep(_HEARTBEAT_EVERY)
+        await store.heartbeat(run)
+
+
+async def _serve(store: MetadataStore, run: PipelineRun, sched: Scheduler) -> None:
+    async with asyncio.TaskGroup() as services:
+        writer = services.create_task(store.serve_writes(), name=f"flowcore:writer:{run.name}")
+        beat = None
+        if hasattr(store, "heartbeat"):
+            beat = services.create_task(_heartbeat(store, run),
+                                        name=f"flowcore:heartbeat:{run.name}")
+        try:
+            steps = services.create_task(sched.drive(), name=f"flowcore:steps:{run.name}")
+            try:
+                await steps
+            except asyncio.CancelledError:
+                if run_cancelled() or not sched.aborted:
+                    raise
+                # FAIL_FAST cancelled the steps task: the run itself goes on to its end.
+            await sched.run_deferred_hooks()
+        finally:
+            writer.cancel()
+            if beat is not None:
+                beat.cancel()
+
+
+async def _create(store: MetadataStore, life: Lifecycle) -> None:
+    """Record the run. A cancellation meanwhile lets the write finish and records the run
+    STOPPED, so the store never keeps a RUNNING run nobody runs."""
+    created = False
+
+    async def create() -> None:
+        nonlocal created
+        await store.create_run(life.run)
+        created = True
+
+    try:
+        await finish_regardless(create())
+    except asyncio.CancelledError:
+        if created:
+            await finish_regardless(life.run_finished(RunStatus.STOPPED))
+        raise
+
+
+async def record_unstarted(plan: RunPlan) -> None:
+    """A background run cancelled before its task first ran: record it STOPPED, its steps
+    SKIPPED, so the store agrees with the handle."""
+    store = await plan.stack.metadata_store()
+    life = Lifecycle(plan.run, store)
+    await store.create_run(plan.run)
+    await life.run_finished(RunStatus.STOPPED)
+
+
+async def execute(plan: RunPlan, *, raise_on_failure: bool = True) -> PipelineRun:
+    """Record and run a planned run on the caller's loop.
+
+    Raises:
+        RunNameConflictError: before any step runs.
+        RunFailedError: a step failed (`.run` is the run, `__cause__` the first error).
+        asyncio.CancelledError: the run was cancelled (it is recorded as STOPPED first).
+    """
+    run = plan.run
+    plan.started = True
+    store = await plan.stack.metadata_store()
+    life = Lifecycle(run, store)
+    await _create(store, life)
+    life.run_started()
+    sched = Scheduler(plan, life, store)
+    status: RunStatus | None = None
+    if plan.capture_logs:
+        _capture.install()
+    try:
+        await _serve(store, run, sched)
+    except asyncio.CancelledError:
+        status = RunStatus.STOPPED
+        raise
+    except BaseExceptionGroup as group:  # flowcore itself failed (e.g. the store's writer)
+        status = RunStatus.FAILED
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    except BaseException:
+        status = RunStatus.FAILED
+        raise
+    finally:
+        if plan.capture_logs:
+            _capture.uninstall()
+        plan.first_error = sched.first_error
+        plan.values = sched.values
+        await finish_regardless(life.run_finished(status or _final_status(run)))
+    if run.status is RunStatus.FAILED and raise_on_failure:
+        first = sched.first_error
+        raise RunFailedError(
+            f"run '{run.name}' of pipeline '{run.pipeline_name}' failed: step(s) "
+            f"{', '.join(repr(f) for f in failed_invocations(run))} failed"
+            + (f"; first error: {first!r}" if first else ""),
+            run=run,
+        ) from first
+    return run

@@ -1,0 +1,274 @@
+"""The scheduler: drives a graph's ready set inside one task group of step tasks.
+
+A step task is created the moment its last dependency ends (the finishing task launches its
+ready children itself: no polling, no batches). The task group does the waiting (its exit
+waits for every task, also those launched later) and the aborting: under FAIL_FAST a failure
+aborts the steps group at once, as the group does itself when a child raises (trio's
+`nursery.cancel_scope.cancel()`), and the failed step's hooks run after the group has ended.
+Once a step has failed in a stopping mode no body starts: the gate says no before the
+failure's hooks run, to tasks launched earlier, to steps waiting for a slot and to retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from flowcore._clock import utcnow
+from flowcore._engine._fanout import run_map
+from flowcore._engine._invocation import STOPPED, Invoker, Outcome
+from flowcore._engine._lifecycle import Lifecycle
+from flowcore._engine._plan import RunPlan
+from flowcore._graph import Node, OutputRef
+from flowcore._models import ArtifactVersion, StepRun
+from flowcore.config import ExecutionMode
+from flowcore.stores._base import MetadataStore
+
+__all__ = ["Scheduler"]
+
+
+class _Lazy:
+    """An output not in memory (a cache hit): loaded from its artifact when first needed."""
+
+    __slots__ = ("artifact",)
+
+    def __init__(self, artifact: ArtifactVersion) -> None:
+        self.artifact = artifact
+
+
+def _abort(tg: asyncio.TaskGroup | None, host: asyncio.Task[Any] | None) -> None:
+    """Cancel every task of the steps group now, as the group itself does when a child
+    raises (asyncio's `TaskGroup._abort`): at once, so no sibling body runs another step of
+    the loop. Without that method, cancel the group's host task, which aborts it one loop
+    iteration later."""
+    abort = getattr(tg, "_abort", None)
+    if abort is not None:
+        abort()
+    elif host is not None:
+        host.cancel()
+
+
+class Scheduler:
+    """Drives one run of a graph; it is also the `Gate` its invocations ask."""
+
+    def __init__(self, plan: RunPlan, lifecycle: Lifecycle, store: MetadataStore) -> None:
+        graph = plan.graph
+        self.plan = plan
+        self.graph = graph
+        self.nodes = graph.nodes
+        self.node_plans = plan.plans
+        self.lifecycle = lifecycle
+        self.step_runs: list[StepRun] = [plan.run.steps[n.id] for n in graph.nodes]
+        self.ready = graph.ready_set()
+        self.values: list[dict[str, Any] | None] = [None] * len(graph.nodes)
+        self.artifacts: list[dict[str, ArtifactVersion] | None] = [None] * len(graph.nodes)
+        self.consumers_left = list(graph.data_consumers)
+        self.index = {n.id: n.index for n in graph.nodes}
+        self.mode = plan.mode
+        self.stopping = False
+        self.first_error: BaseException | None = None
+        self.deferred: list[Callable[[], Awaitable[None]]] = []
+        self._slots = (
+            asyncio.Semaphore(plan.max_concurrency) if plan.max_concurrency is not None else None
+        )
+        self.invoker = Invoker(plan, lifecycle, store, self)
+        self.tg: asyncio.TaskGroup | None = None
+        self.host: asyncio.Task[Any] | None = None
+        # Set when FAIL_FAST cancelled the steps (as opposed to the run being cancelled).
+        self.aborted = False
+
+    # -- Gate ------------------------------------------------------------------------------
+
+    def may_start(self) -> bool:
+        return not self.stopping
+
+    def failed(self, error: BaseException) -> bool:
+        if self.first_error is None:
+            self.first_error = error
+        if self.mode is ExecutionMode.CONTINUE_ON_FAILURE:
+            return True
+        self.stop_new_work()
+        if self.mode is not ExecutionMode.FAIL_FAST:
+            return True
+        if not self.aborted:
+            self.aborted = True
+            _abort(self.tg, self.host)
+        return False
+
+    def defer(self, hooks: Callable[[], Awaitable[None]]) -> None:
+        self.deferred.append(hooks)
+
+    @property
+    def slots(self) -> asyncio.Semaphore | None:
+        return self._slots
+
+    def stop_new_work(self) -> None:
+        """No step body starts from now on; steps not yet handed out are skipped."""
+        if not self.stopping:
+            self.stopping = True
+            self._skip(self.ready.skip_rest())
+
+    # -- driving ---------------------------------------------------------------------------
+
+    async def drive(self) -> None:
+        """Run every step, as the steps task of the run (FAIL_FAST cancels this task)."""
+        self.host = asyncio.current_task()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self.tg = tg
+                self._launch(self.ready.get_ready())
+        finally:
+            self.tg = None
+            self.host = None
+
+    async def run_deferred_hooks(self) -> None:
+        """FAIL_FAST ran no failure hook while other steps ran: they run now, in order."""
+        deferred, self.deferred = self.deferred, []
+        for hooks in deferred:
+            await hooks()
+
+    def _launch(self, indices: list[int]) -> None:
+        tg = self.tg
+        assert tg is not None
+        nodes = self.nodes
+        for i in indices:
+            tg.create_task(self._step_task(i), name=f"flowcore:{nodes[i].id}")
+
+    def _skip(self, indices: list[int]) -> None:
+        if indices:
+            step_runs = self.step_runs
+            self.lifecycle.steps_skipped([step_runs[j] for j in indices])
+
+    async def _step_task(self, i: int) -> None:
+        sr = self.step_runs[i]
+        if self.stopping:
+            # Launched together with a step that failed before this task got its first turn.
+            self.lifecycle.steps_skipped([sr])
+            self._after(i, ok=False)
+            return
+        sr.start_time = utcnow()
+        try:
+            outcome = await self._execute(i)
+        except asyncio.CancelledError:
+            self.lifecycle.step_stopped(sr)
+            raise
+        except BaseException as exc:  # a bug in flowcore itself: record, never hang the run
+            self.lifecycle.step_failed(sr, exc)
+            self.failed(exc)
+            outcome = Outcome(False, error=exc)
+        self._after(i, ok=outcome.ok)
+
+    def _after(self, i: int, *, ok: bool) -> None:
+        # Release upstream values nobody downstream needs any more.
+        left = self.consumers_left
+        for p in self.nodes[i].data_parents:
+            left[p] -= 1
+            if left[p] == 0:
+                self.values[p] = None
+        if ok:
+            newly = self.ready.done(i)
+            if newly:
+                if self.stopping:
+                    self._skip(newly)
+                else:
+                    self._launch(newly)
+        else:
+            self._skip(self.ready.failed(i))
+
+    async def _execute(self, i: int) -> Outcome:
+        node = self.nodes[i]
+        sr = self.step_runs[i]
+        node_plan = self.node_plans[i]
+        invoker = self.invoker
+        if node.map_spec is not None:
+            kwargs = await self._inputs(node)
+            hashes = self._input_hashes(node) if node.config.enable_cache else {}
+            outcome = await run_map(invoker, node, sr, node_plan, kwargs, hashes)
+        else:
+            if node.config.enable_cache:
+                hit = await invoker.lookup(node, sr, node_plan, self._input_hashes(node))
+                if hit is not None:
+                    self.artifacts[i] = hit
+                    self.values[i] = {name: _Lazy(a) for name, a in hit.items()}
+                    return Outcome(True)
+            if node.direct_refs or node.nested_refs:
+                kwargs = await self._inputs(node)
+            else:
+                kwargs = dict(node.constants)
+            slots = self._slots
+            if slots is None:
+                outcome = await invoker.invoke(node, sr, node_plan, kwargs)
+            else:
+                async with slots:
+                    if self.stopping:
+                        self.lifecycle.steps_skipped([sr])
+                        return STOPPED
+                    outcome = await invoker.invoke(node, sr, node_plan, kwargs)
+        if outcome.ok:
+            self.values[i] = outcome.values
+            self.artifacts[i] = outcome.artifacts
+        return outcome
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    async def _resolve(self, ref: OutputRef) -> Any:
+        idx = self.index[ref.node_id]
+        values = self.values[idx]
+        if values is None:
+            arts = self.artifacts[idx]
+            assert arts is not None, f"output of {ref.node_id} is gone"
+            return await arts[ref.output].aload()
+        value = values[ref.output]
+        if type(value) is _Lazy:
+            value = await value.artifact.aload()
+            values[ref.output] = value
+        return value
+
+    async def _resolve_nested(self, template: Any) -> Any:
+        if isinstance(template, OutputRef):
+            return await self._resolve(template)
+        if isinstance(template, list):
+            return [await self._resolve_nested(v) for v in template]
+        if isinstance(template, tuple):
+            return tuple([await self._resolve_nested(v) for v in template])
+        if isinstance(template, dict):
+            return {k: await self._resolve_nested(v) for k, v in template.items()}
+        return template
+
+    async def _inputs(self, node: Node) -> dict[str, Any]:
+        kwargs = dict(node.constants)
+        values = self.values
+        index = self.index
+        for key, ref in node.direct_refs:
+            # The common case without an await: the upstream value is in memory.
+            held = values[index[ref.node_id]]
+            value = held.get(ref.output, _Lazy) if held is not None else _Lazy
+            if value is _Lazy or type(value) is _Lazy:
+                value = await self._resolve(ref)
+            kwargs[key] = value
+        for key, template in node.nested_refs:
+            kwargs[key] = await self._resolve_nested(template)
+        return kwargs
+
+    def _input_hashes(self, node: Node) -> dict[str, Any]:
+        artifacts = self.artifacts
+        index = self.index
+
+        def h(value: Any) -> Any:
+            if isinstance(value, OutputRef):
+                arts = artifacts[index[value.node_id]]
+                assert arts is not None
+                return {"artifact": arts[value.output].content_hash}
+            if isinstance(value, list | tuple):
+                return [h(v) for v in value]
+            if isinstance(value, dict):
+                return {k: h(v) for k, v in value.items()}
+            return value
+
+        out: dict[str, Any] = {}
+        for key, ref in node.direct_refs:
+            out[key] = h(ref)
+        for key, template in node.nested_refs:
+            out[key] = h(template)
+        return out
