@@ -190,9 +190,11 @@ class ArtifactVersion:
         """Load the stored value without blocking the event loop."""
         if self._loader is None:
             return self._value
-        import asyncio
+        # flowcore's own daemon threads, not the loop's default executor, which `asyncio.run`
+        # joins: an abandoned load must not delay the exit of a cancelled `pipeline()` call.
+        from flowcore._threads import run_in_worker_thread
 
-        return await asyncio.to_thread(self._loader, self)
+        return await run_in_worker_thread(self._loader, self)
 
     def load(self) -> Any:
         """Load the stored value from synchronous code."""

@@ -105,6 +105,30 @@ async def test_unencodable_text_from_async_run_is_stored_escaped(stack: Stack) -
     assert await run.steps["async_printer"].output.aload() == f"sync value {BAD}{BAD}"
 
 
+def test_a_str_output_with_a_lone_surrogate_stays_json_and_loads_back_exactly(
+    tmp_path: Path,
+) -> None:
+    """A str output holding a lone surrogate is stored by the built-in JSON materializer (no
+    pickle fallback, no warning) and loads back exactly."""
+
+    @step(enable_cache=False)
+    def make() -> str:
+        return f"a{BAD}b"
+
+    @pipeline
+    def one() -> None:
+        make()
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run = one.with_options(stack=Stack.local(tmp_path))()
+    artifact = run.steps["make"].output
+    assert artifact.materializer.endswith("BuiltInMaterializer")
+    assert artifact.load() == f"a{BAD}b"
+
+
 def test_unencodable_run_name_is_stored_escaped_and_found_by_its_raw_name(stack: Stack) -> None:
     """A run name with a lone surrogate (from a substitution) is stored, and found again."""
     run = surrogates.with_options(run_name="r-{where}", substitutions={"where": BAD},

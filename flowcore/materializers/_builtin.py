@@ -51,7 +51,12 @@ def _json_exact(value: Any) -> bool:
 
 
 def _json_bytes(payload: Any) -> bytes:
-    return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    try:
+        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (a str decoded with surrogateescape) has no UTF-8 form; JSON's
+        # \uXXXX escapes keep it, valid and exact on the way back.
+        return json.dumps(payload).encode("ascii")
 
 
 def _write_json(uri: str, payload: Any) -> None:
