@@ -6,10 +6,9 @@ import asyncio
 import concurrent.futures
 from typing import Any
 
-from flowcore._clock import utcnow
 from flowcore._engine._plan import RunPlan
 from flowcore._engine._run import execute, finish_regardless, record_unstarted
-from flowcore._models import PipelineRun, RunStatus, StepStatus
+from flowcore._models import PipelineRun, RunStatus
 from flowcore.exceptions import FlowcoreError, RunFailedError
 
 __all__ = ["RunHandle", "execute_owned"]
@@ -24,18 +23,6 @@ async def execute_owned(plan: RunPlan) -> PipelineRun:
         if plan.run.status is RunStatus.STOPPED:
             return plan.run
         raise
-
-
-def _mark_unstarted(run: PipelineRun) -> None:
-    # A run whose task never ran: STOPPED, its steps SKIPPED (nothing began).
-    if run.status is RunStatus.RUNNING:
-        now = utcnow()
-        run.status = RunStatus.STOPPED
-        run.end_time = now
-        for sr in run.steps.values():
-            if sr.status is StepStatus.PENDING:
-                sr.status = StepStatus.SKIPPED
-                sr.end_time = now
 
 
 class RunHandle:
@@ -107,10 +94,7 @@ class RunHandle:
         if self._plan.started:
             return
         self._plan.started = True  # recorded once, by whoever notices first
-        try:
-            await finish_regardless(record_unstarted(self._plan))
-        finally:
-            _mark_unstarted(self._plan.run)  # whatever the store said, the handle agrees
+        await finish_regardless(record_unstarted(self._plan))
 
     async def cancel(self) -> PipelineRun:
         """Stop the run now; returns it once every step task has ended (status STOPPED)."""

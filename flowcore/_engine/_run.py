@@ -116,12 +116,14 @@ async def _create(store: MetadataStore, life: Lifecycle) -> None:
 
 
 async def record_unstarted(plan: RunPlan) -> None:
-    """A background run cancelled before its task first ran: record it STOPPED, its steps
-    SKIPPED, so the store agrees with the handle."""
+    """A background run cancelled before its task first ran: STOPPED, its steps SKIPPED, in
+    the handle's record and (where the store takes it) in the store."""
     store = await plan.stack.metadata_store()
     life = Lifecycle(plan.run, store)
-    await store.create_run(plan.run)
-    await life.run_finished(RunStatus.STOPPED)
+    try:
+        await store.create_run(plan.run)
+    finally:
+        await life.run_finished(RunStatus.STOPPED)
 
 
 async def execute(plan: RunPlan, *, raise_on_failure: bool = True) -> PipelineRun:
