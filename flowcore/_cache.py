@@ -11,13 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from flowcore._canonical import canonical
 from flowcore._graph import Node
+from flowcore._models import StepRun
 from flowcore.exceptions import CacheKeyError
+from flowcore.stores._base import MetadataStore
 
-__all__ = ["CACHE_KEY_VERSION", "CacheKeyError", "canonical", "compute_cache_key"]
+__all__ = ["CACHE_KEY_VERSION", "CacheKeyError", "CacheLookup", "canonical", "compute_cache_key",
+           "lookup_cache"]
 
 CACHE_KEY_VERSION = "1"
 
@@ -72,3 +76,41 @@ def compute_cache_key(
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLookup:
+    """What the cache said about one invocation.
+
+    `key` is None when the invocation is uncacheable; `hit` is the earlier step run whose
+    outputs it may reuse (its artifacts still to be checked by the caller); `reason` says why
+    there is no hit.
+    """
+
+    key: str | None
+    hit: StepRun | None
+    reason: str | None
+    uncacheable: bool = False
+
+
+async def lookup_cache(
+    store: MetadataStore,
+    node: Node,
+    step_run: StepRun,
+    input_hashes: Mapping[str, Any],
+    materializers: Mapping[str, type[Any]],
+    element: Any = None,
+) -> CacheLookup:
+    """Compute the invocation's key and look it up in the metadata store.
+
+    `input_hashes` maps each input to its identity (content hash and type of its artifact);
+    `element` is a mapped element's own value.
+    """
+    try:
+        key = compute_cache_key(node, input_hashes, materializers, element)
+    except CacheKeyError as exc:
+        return CacheLookup(None, None, f"uncacheable: {exc}", uncacheable=True)
+    hit = await store.find_cached(key)
+    if hit is None:
+        return CacheLookup(key, None, "no earlier step run with this cache key")
+    return CacheLookup(key, hit, None)

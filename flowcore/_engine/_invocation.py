@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from flowcore import _capture
-from flowcore._cache import CacheKeyError, compute_cache_key
+from flowcore._cache import lookup_cache
 from flowcore._engine._lifecycle import Lifecycle
 from flowcore._engine._outputs import check_inputs, output_value, split_outputs, store_outputs
 from flowcore._engine._plan import NodePlan, RunPlan
@@ -115,15 +115,13 @@ class Invoker:
                      ) -> dict[str, ArtifactVersion] | None:
         """Look the invocation up in the cache; on a hit mark it CACHED and return its outputs."""
         life = self.lifecycle
-        try:
-            key = compute_cache_key(node, input_hashes, node_plan.materializers, element)
-        except CacheKeyError as exc:
-            life.cache_missed(sr, f"uncacheable: {exc}", uncacheable=True)
-            return None
-        sr.cache_key = key
-        hit = await self.store.find_cached(key)
+        found = await lookup_cache(self.store, node, sr, input_hashes, node_plan.materializers,
+                                   element)
+        sr.cache_key = found.key
+        hit = found.hit
         if hit is None:
-            life.cache_missed(sr, "no earlier step run with this cache key")
+            assert found.reason is not None
+            life.cache_missed(sr, found.reason, uncacheable=found.uncacheable)
             return None
         if not all(self.artifact_store.exists(a) for a in hit.outputs.values()):
             life.cache_missed(sr, "an artifact of the cached step run is missing")

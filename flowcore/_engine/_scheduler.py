@@ -259,7 +259,9 @@ class Scheduler:
             if isinstance(value, OutputRef):
                 arts = artifacts[index[value.node_id]]
                 assert arts is not None
-                return {"artifact": arts[value.output].content_hash}
+                artifact = arts[value.output]
+                # Content and type: a Fahrenheit(10) is not a Celsius(10).
+                return {"artifact": artifact.content_hash, "type": artifact.data_type}
             if isinstance(value, list | tuple):
                 return [h(v) for v in value]
             if isinstance(value, dict):
