@@ -13,6 +13,7 @@ from typing import Any
 from flowcore._canonical import CacheKeyError, canonical
 from flowcore._clock import utcnow
 from flowcore._engine._invocation import STOPPED, Invoker, Outcome
+from flowcore._engine._isolation import isolated
 from flowcore._engine._outputs import output_value, store_outputs
 from flowcore._engine._plan import NodePlan
 from flowcore._graph import Node
@@ -113,7 +114,8 @@ async def run_map(invoker: Invoker, node: Node, sr: StepRun,
                 values = [await a.aload() for a in hit.values()]
                 results[k] = output_value(node, values)
                 return
-        ekwargs = {**kwargs, **elements[k]}
+        # Each element its own copies: of its element, and of the arguments passed whole.
+        ekwargs = {name: await isolated(v) for name, v in {**kwargs, **elements[k]}.items()}
         if slots is None:
             outcome = await invoker.invoke(node, esr, node_plan, ekwargs)
         else:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from flowcore import _capture
 from flowcore._cache import lookup_cache
+from flowcore._engine._isolation import isolated
 from flowcore._engine._lifecycle import Lifecycle
 from flowcore._engine._outputs import check_inputs, output_value, split_outputs, store_outputs
 from flowcore._engine._plan import NodePlan, RunPlan
@@ -205,8 +206,9 @@ class Invoker:
                     return STOPPED
                 await self.store.flush()
                 hooks = node_plan.hooks
-                if hooks:
-                    out = output_value(node, values)
+                if hooks and ("on_success" in hooks or "on_end" in hooks):
+                    # The hooks' own copy: a hook changing it changes no consumer's input.
+                    out = await isolated(output_value(node, values))
                     if "on_success" in hooks:
                         await self._call_hook(sr, hooks["on_success"], step_output=out)
                     if "on_end" in hooks:

@@ -18,6 +18,7 @@ from typing import Any
 from flowcore._clock import utcnow
 from flowcore._engine._fanout import run_map
 from flowcore._engine._invocation import STOPPED, Invoker, Outcome
+from flowcore._engine._isolation import SHARED, isolated
 from flowcore._engine._lifecycle import Lifecycle
 from flowcore._engine._plan import RunPlan
 from flowcore._graph import Node, OutputRef
@@ -213,17 +214,23 @@ class Scheduler:
     # -- inputs ----------------------------------------------------------------------------
 
     async def _resolve(self, ref: OutputRef) -> Any:
+        """This consumer's own copy of an upstream output (see _isolation)."""
         idx = self.index[ref.node_id]
         values = self.values[idx]
         if values is None:
             arts = self.artifacts[idx]
             assert arts is not None, f"output of {ref.node_id} is gone"
-            return await arts[ref.output].aload()
+            return await arts[ref.output].aload()  # a fresh value, nobody else's
         value = values[ref.output]
         if type(value) is _Lazy:
             value = await value.artifact.aload()
             values[ref.output] = value
-        return value
+        try:
+            return await isolated(value)
+        except Exception:  # no copy possible: a fresh load of the stored artifact instead
+            arts = self.artifacts[idx]
+            assert arts is not None
+            return await arts[ref.output].aload()
 
     async def _resolve_nested(self, template: Any) -> Any:
         if isinstance(template, OutputRef):
@@ -241,10 +248,10 @@ class Scheduler:
         values = self.values
         index = self.index
         for key, ref in node.direct_refs:
-            # The common case without an await: the upstream value is in memory.
+            # The common case without an await: an immutable upstream value in memory.
             held = values[index[ref.node_id]]
             value = held.get(ref.output, _Lazy) if held is not None else _Lazy
-            if value is _Lazy or type(value) is _Lazy:
+            if type(value) not in SHARED:
                 value = await self._resolve(ref)
             kwargs[key] = value
         for key, template in node.nested_refs:
