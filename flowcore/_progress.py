@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, TextIO
 
-from flowcore import _events as events
+from flowcore import events
 from flowcore._runview import count_statuses, format_counts, format_duration, status_icon, status_style
 
 __all__ = ["Progress", "progress"]

@@ -12,7 +12,7 @@ import pytest
 
 import flowcore
 from flowcore import RunFailedError, Stack, StepRetryConfig, get_step_context, pipeline, step
-from flowcore import _events as events
+from flowcore import events
 from flowcore.testing import FakeClock
 
 

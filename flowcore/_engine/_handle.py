@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
+from flowcore import events
 from flowcore._engine._plan import RunPlan
 from flowcore._engine._run import execute, finish_regardless, record_unstarted
 from flowcore._models import PipelineRun, RunStatus
@@ -115,6 +119,47 @@ class RunHandle:
             pass
         return self._plan.run
 
+    async def events(self) -> AsyncIterator[events.Event]:
+        """The run's events, from the first (those that already happened are rebuilt from its
+        record and come first) to `RunFinished`, after which the iteration ends."""
+        run = self._plan.run
+        loop = asyncio.get_running_loop()
+        thread = threading.get_ident()
+        queue: asyncio.Queue[events.Event] = asyncio.Queue()
+
+        def on_event(event: events.Event) -> None:
+            if event.run_id != run.id:
+                return
+            if threading.get_ident() == thread:
+                queue.put_nowait(event)
+            else:  # a run on a thread of its own: hand the event over to our loop
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, event)
+                except RuntimeError:
+                    pass
+
+        # Snapshot and subscription with no await between them: nothing is missed, and what
+        # the snapshot already told is not told twice (see `seen`).
+        past = _events_so_far(run, self._plan.started)
+        unsubscribe = events.subscribe(on_event)
+        seen = {_identity(e) for e in past}
+        try:
+            for event in past:
+                yield event
+                if isinstance(event, events.RunFinished):
+                    return
+            while True:
+                event = await queue.get()
+                key = _identity(event)
+                if key in seen:
+                    continue
+                seen.add(key)
+                yield event
+                if isinstance(event, events.RunFinished):
+                    return
+        finally:
+            unsubscribe()
+
     def result(self, timeout: float | None = None) -> PipelineRun:
         """Block until the run ends (synchronous code only) and return it."""
         if self._future is None:
@@ -125,6 +170,37 @@ class RunHandle:
             return self._future.result(timeout)
         except concurrent.futures.CancelledError:
             return self._plan.run
+
+
+def _identity(event: events.Event) -> tuple[object, ...]:
+    if isinstance(event, events.StepStarted | events.StepRetrying):
+        return (type(event), event.step, event.attempt)
+    if isinstance(event, events.StepFinished):
+        return (type(event), event.step)
+    return (type(event),)
+
+
+def _events_so_far(run: PipelineRun, began: bool) -> list[events.Event]:
+    """The events a run has had until now, rebuilt from its record, in time order."""
+    if not began and not run.status.is_finished:
+        return []
+    out: list[events.Event] = [events.RunStarted(run.id, run.name, run.pipeline_name,
+                                                 tuple(run.steps), run.start_time)]
+    timed: list[tuple[datetime, int, events.Event]] = []
+    for sr in list(run.steps.values()):
+        if sr.start_time is not None and sr.attempts:
+            timed.append((sr.start_time, 0, events.StepStarted(run.id, sr.name, sr.attempts,
+                                                               sr.start_time)))
+        if sr.status.is_finished and sr.end_time is not None:
+            timed.append((sr.end_time, 1, events.StepFinished(
+                run.id, sr.name, sr.status.value, sr.attempts,
+                str(sr.error) if sr.error else None, sr.end_time)))
+    timed.sort(key=lambda t: (t[0], t[1]))
+    out.extend(e for _, _, e in timed)
+    if run.status.is_finished:
+        out.append(events.RunFinished(run.id, run.name, run.status.value,
+                                      run.end_time or run.start_time))
+    return out
 
 
 def _current_task_not_cancelling() -> bool:

@@ -14,8 +14,8 @@ import socket
 import traceback
 from typing import Any
 
-from flowcore import _events as events
 from flowcore import _logging as flog
+from flowcore import events
 from flowcore._clock import utcnow
 from flowcore._hooks import BoundHook
 from flowcore._models import (

@@ -141,6 +141,7 @@ async def execute(plan: RunPlan, *, raise_on_failure: bool = True) -> PipelineRu
     await _create(store, life)
     life.run_started()
     sched = Scheduler(plan, life, store)
+    live = plan.stack.live_runs.add(run.id, sched.request_stop)
     status: RunStatus | None = None
     if plan.capture_logs:
         _capture.install()
@@ -162,7 +163,14 @@ async def execute(plan: RunPlan, *, raise_on_failure: bool = True) -> PipelineRu
             _capture.uninstall()
         plan.first_error = sched.first_error
         plan.values = sched.values
-        await finish_regardless(life.run_finished(status or _final_status(run)))
+        if status is None:
+            status = _final_status(run)
+            if sched.stop_requested and status is RunStatus.COMPLETED:
+                status = RunStatus.STOPPED  # drained: what ran finished, the rest never began
+        try:
+            await finish_regardless(life.run_finished(status))
+        finally:
+            plan.stack.live_runs.finish(live)
     if run.status is RunStatus.FAILED and raise_on_failure:
         first = sched.first_error
         raise RunFailedError(

@@ -76,8 +76,10 @@ class Scheduler:
         self.invoker = Invoker(plan, lifecycle, store, self)
         self.tg: asyncio.TaskGroup | None = None
         self.host: asyncio.Task[Any] | None = None
-        # Set when FAIL_FAST cancelled the steps (as opposed to the run being cancelled).
+        # Set when FAIL_FAST or a stop request cancelled the steps (as opposed to the run's
+        # task being cancelled), and when someone asked the run to stop.
         self.aborted = False
+        self.stop_requested = False
 
     # -- Gate ------------------------------------------------------------------------------
 
@@ -103,6 +105,15 @@ class Scheduler:
     @property
     def slots(self) -> asyncio.Semaphore | None:
         return self._slots
+
+    def request_stop(self, drain: bool) -> None:
+        """Stop the run from outside (closing the stack, a cancel request): with `drain` like
+        STOP_ON_FAILURE (running steps finish, nothing new starts), else like FAIL_FAST."""
+        self.stop_requested = True
+        self.stop_new_work()
+        if not drain and not self.aborted:
+            self.aborted = True
+            _abort(self.tg, self.host)
 
     def stop_new_work(self) -> None:
         """No step body starts from now on; steps not yet handed out are skipped."""

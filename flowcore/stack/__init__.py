@@ -13,6 +13,7 @@ from typing import Any
 
 from flowcore.exceptions import ConfigError
 from flowcore.stack._alerters import Alerter, WebhookAlerter
+from flowcore.stack._live import LiveRuns
 from flowcore.stack._operators import (
     DaskStepOperator,
     LocalStepOperator,
@@ -91,6 +92,7 @@ class Stack:
         self.step_operators: dict[str, StepOperator] = dict(step_operators or {})
         self.experiment_trackers: dict[str, ExperimentTracker] = dict(experiment_trackers or {})
         self.local_operator = LocalStepOperator()
+        self.live_runs = LiveRuns()
 
     def __repr__(self) -> str:
         where = self.root if self.root else "memory"
@@ -197,6 +199,33 @@ class Stack:
                 del self._per_loop[loop]
             entry.store = entry.closer = None
             await store.close()
+
+    async def open(self) -> Stack:
+        """Open the stores on the running loop now (a durable store then marks the runs of dead
+        processes CRASHED at once) and return the stack."""
+        await self.metadata_store()
+        return self
+
+    async def aclose(self) -> None:
+        """Stop every run this process still has live on the stack (each ends STOPPED and is
+        recorded), wait for their writes, then release the stack's connections and pools."""
+        await self.live_runs.stop_all(drain=False)
+        await self.close()
+
+    async def __aenter__(self) -> Stack:
+        return await self.open()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __enter__(self) -> Stack:
+        """From synchronous code: `with stack:` opens it (crash marking included) and closes
+        it at the end, stopping the runs this process still has on it."""
+        asyncio.run(self.open())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        asyncio.run(self.aclose())
 
     async def close(self) -> None:
         """Close what was opened on the running loop: the store and the step operators' pools
