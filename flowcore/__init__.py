@@ -22,7 +22,7 @@ from flowcore._pipeline import Pipeline, pipeline
 from flowcore._progress import progress
 from flowcore._step import OutputHandle, Step, step, unmapped
 from flowcore.client import AsyncClient, Client
-from flowcore.config import ExecutionMode, StepRetryConfig
+from flowcore.config import CachePolicy, ExecutionMode, StepRetryConfig
 from flowcore.context import StepContext, get_step_context
 from flowcore.exceptions import (
     ArtifactLoadError,
@@ -50,6 +50,7 @@ __all__ = [
     "ArtifactLoadError",
     "ArtifactVersion",
     "AsyncClient",
+    "CachePolicy",
     "Client",
     "ConfigError",
     "ErrorInfo",

@@ -13,9 +13,11 @@ from flowcore._arguments import to_refs
 from flowcore._graph import Graph, MapSpec, Node, OutputRef, contains_ref, iter_refs
 from flowcore._step import OutputHandle, Step, unmapped
 from flowcore.config import (
+    CachePolicy,
     RunConfigFile,
     StepConfigFile,
     StepRetryConfig,
+    as_cache_policy,
     config_errors,
     env_flag,
 )
@@ -48,6 +50,8 @@ class ResolvedStepConfig:
     experiment_tracker: str | None
     parameters: dict[str, Any]
     enable_artifact_metadata: bool = True
+    # Step explicit > pipeline explicit > None; a whole policy wins, fields are not merged.
+    cache_policy: CachePolicy | None = None
 
 
 @dataclass(slots=True)
@@ -272,6 +276,7 @@ def _static_config(
             y.experiment_tracker if y and y.experiment_tracker else opts.get("experiment_tracker")
         ),
         "enable_artifact_metadata": bool(pick("enable_artifact_metadata", True)),
+        "cache_policy": as_cache_policy(pick("cache_policy", None)),
     }
 
 
@@ -389,4 +394,17 @@ def compile_graph(
                 nested_refs=tuple(nested),
             )
         )
+    _check_pipeline_ignore(pipeline_name, pipeline_options, nodes)
     return Graph(pipeline_name, nodes, parameters, outputs)
+
+
+def _check_pipeline_ignore(pipeline_name: str, options: Mapping[str, Any], nodes: list[Node]) -> None:
+    """Raise ConfigError if a pipeline-level `cache_policy.ignore` names no step's input."""
+    policy = as_cache_policy(options.get("cache_policy"))
+    sigs = [node.step.signature for node in nodes]
+    if policy is None or any(sig.has_var_keyword for sig in sigs):
+        return
+    for name in policy.ignore:
+        if not any(name in sig.inputs for sig in sigs):
+            raise ConfigError(f"pipeline '{pipeline_name}': option 'cache_policy' ignores "
+                              f"{name!r}, which is no input or parameter of any of its steps")

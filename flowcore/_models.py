@@ -211,6 +211,7 @@ class StepRun:
 
     __slots__ = (
         "attempts",
+        "cache_components",
         "cache_key",
         "cache_miss_reason",
         "config",
@@ -246,6 +247,9 @@ class StepRun:
         self.status = status
         self.attempts = 0
         self.cache_key: str | None = None
+        # The digest of each part of the cache key ("code", "parameter:lr", "input:data", ...),
+        # kept so a later miss can say which part changed.
+        self.cache_components: dict[str, str] | None = None
         self.cache_miss_reason: str | None = None
         self.start_time: datetime | None = None
         self.end_time: datetime | None = None

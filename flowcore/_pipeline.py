@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 __all__ = ["PIPELINE_OPTIONS", "Pipeline", "SyncCallOnLoopError", "pipeline"]
 
 PIPELINE_OPTIONS = frozenset({
-    "enable_cache", "execution_mode", "on_start", "on_success", "on_failure", "on_end", "retry",
+    "cache_policy", "enable_cache", "execution_mode", "on_start", "on_success", "on_failure",
+    "on_end", "retry",
     "max_concurrency", "settings", "run_name", "config_path", "synchronous", "stack",
     "substitutions", "clock", "enable_artifact_metadata", "name", "extra", "model",
     "capture_logs",

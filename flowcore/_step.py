@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from flowcore._signature import StepSignature, inspect_step_function
-from flowcore.config import env_flag, validate_step_options
+from flowcore.config import as_cache_policy, env_flag, validate_step_options
 from flowcore.exceptions import ConfigError, PipelineDefinitionError
 
 __all__ = ["STEP_OPTIONS", "OutputHandle", "Step", "env_flag", "step", "unmapped"]
@@ -17,7 +17,7 @@ __all__ = ["STEP_OPTIONS", "OutputHandle", "Step", "env_flag", "step", "unmapped
 F = TypeVar("F", bound=Callable[..., Any])
 
 STEP_OPTIONS = frozenset({
-    "enable_cache", "retry", "on_start", "on_success", "on_failure", "on_end", "timeout",
+    "cache_policy", "enable_cache", "retry", "on_start", "on_success", "on_failure", "on_end", "timeout",
     "output_materializers", "settings", "step_operator", "experiment_tracker",
     "enable_artifact_metadata", "name", "extra",
 })
@@ -32,6 +32,29 @@ def check_options(options: dict[str, Any], allowed: frozenset[str], where: str) 
             close = difflib.get_close_matches(key, sorted(allowed), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{where}: unknown option '{key}'{hint}")
+
+
+def _check_ignored_names(func: Callable[..., Any], step_name: str, options: dict[str, Any]) -> None:
+    """A step's `cache_policy.ignore` may name only its own inputs and parameters.
+
+    Raises:
+        ConfigError: naming the step and the unknown name, when the option is set.
+    """
+    policy = as_cache_policy(options.get("cache_policy"))
+    if policy is None or not policy.ignore:
+        return
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for name in policy.ignore:
+        if name not in params:
+            raise ConfigError(
+                f"step '{step_name}': option 'cache_policy' ignores {name!r}, which is no input "
+                f"or parameter of the step (it has: {', '.join(params) or 'none'})"
+            )
 
 
 class OutputHandle:
@@ -92,6 +115,7 @@ class Step:
             )
         self.func = func
         self.name: str = opts.pop("name", None) or getattr(func, "__name__", "step")
+        _check_ignored_names(func, self.name, opts)
         self._options = opts
         functools.update_wrapper(self, func)
         # Inspected now, so a definition error (two outputs of one name) is raised at `@step`.
@@ -127,6 +151,7 @@ class Step:
         """Change options in place; returns the same step."""
         check_options(options, STEP_OPTIONS, f"step '{self.name}'")
         validate_step_options(options, self.name)
+        _check_ignored_names(self.func, self.name, options)
         if "name" in options:
             self.name = options.pop("name")
         self._options.update(options)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import enum
 import os
+import types
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,10 +32,12 @@ from pydantic import (
 from flowcore.exceptions import ConfigError
 
 __all__ = [
+    "CachePolicy",
     "ExecutionMode",
     "RunConfigFile",
     "StepConfigFile",
     "StepRetryConfig",
+    "as_cache_policy",
     "config_errors",
     "env_flag",
     "load_run_config",
@@ -74,6 +79,94 @@ class StepRetryConfig(BaseModel):
         if isinstance(value, type):
             return (value,)
         return value
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """What else decides whether a step's cache entry may be reused.
+
+    `expires_after` (seconds or a `timedelta`) makes entries older than that misses;
+    `depends_on` adds functions, modules or file/directory paths whose code or content enters
+    the key (a relative path is read from the working directory when the step runs; a path
+    that does not exist then makes that run uncached, with the reason); `ignore` names inputs
+    or parameters left out of the key.
+
+    Raises:
+        ConfigError: a value of the wrong kind, naming the field.
+    """
+
+    expires_after: float | timedelta | None = None
+    depends_on: tuple[object, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Normalized here, so every CachePolicy in the process is in one form.
+        set_ = object.__setattr__
+        set_(self, "expires_after", _expiry_seconds(self.expires_after))
+        set_(self, "depends_on", _dependencies(self.depends_on))
+        set_(self, "ignore", _ignored_names(self.ignore))
+
+    @property
+    def expires_after_seconds(self) -> float | None:
+        """`expires_after` in seconds (None: entries never expire)."""
+        value = self.expires_after
+        return value.total_seconds() if isinstance(value, timedelta) else value
+
+
+def _expiry_seconds(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ConfigError(
+            f"CachePolicy: expires_after = {value!r}: must be seconds (a number) or a timedelta"
+        )
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"CachePolicy: expires_after = {value!r}: must be a positive duration")
+    return seconds
+
+
+def _dependencies(value: object) -> tuple[object, ...]:
+    items = value if isinstance(value, list | tuple) else (value,)
+    for item in items:
+        if not (isinstance(item, str | os.PathLike | types.ModuleType) or callable(item)):
+            raise ConfigError(
+                f"CachePolicy: depends_on item {item!r} is not a function, module or file path"
+            )
+        if isinstance(item, str) and not item:
+            raise ConfigError("CachePolicy: depends_on has an empty path")
+    return tuple(items)
+
+
+def _ignored_names(value: object) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, list | tuple | set | frozenset):
+        raise ConfigError(f"CachePolicy: ignore = {value!r}: must be input or parameter names")
+    names = []
+    for name in items:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"CachePolicy: ignore item {name!r} is not an input or parameter name")
+        names.append(name)
+    return tuple(sorted(set(names)))
+
+
+def as_cache_policy(value: object) -> CachePolicy | None:
+    """A `cache_policy` option as a CachePolicy: None, a CachePolicy, or a mapping of its fields.
+
+    Raises:
+        ConfigError: not one of those, or a bad field value (the message names the field).
+    """
+    if value is None or isinstance(value, CachePolicy):
+        return value
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"expires_after", "depends_on", "ignore"}
+        if unknown:
+            raise ConfigError(f"CachePolicy has no field {sorted(unknown)[0]!r}")
+        return CachePolicy(**value)
+    raise ConfigError(f"must be a CachePolicy, not {type(value).__name__}")
 
 
 def _valid_run_name(value: str | None) -> str | None:
@@ -135,6 +228,15 @@ class _CommonOptions(BaseModel):
     retry: StepRetryConfig | None = None
     settings: dict[str, Any] | None = None
     extra: dict[str, Any] | None = None
+    cache_policy: Any = None
+
+    @field_validator("cache_policy")
+    @classmethod
+    def _cache_policy(cls, value: Any) -> Any:
+        try:
+            return as_cache_policy(value)
+        except ConfigError as exc:  # reported by config_errors with the option's name
+            raise ValueError(str(exc)) from None
 
 
 class _StepOptions(_CommonOptions):

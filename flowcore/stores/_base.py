@@ -70,6 +70,13 @@ class MetadataStore(abc.ABC):
     async def find_cached(self, cache_key: str) -> StepRun | None:
         """Return the newest COMPLETED step run stored under `cache_key`, or None."""
 
+    async def find_latest_cache_components(self, pipeline_run_id: str, step_name: str
+                                           ) -> dict[str, str] | None:
+        """The cache key components of the newest step run named `step_name` (an invocation
+        ID) that has them, in an earlier run of the same pipeline as run `pipeline_run_id`;
+        None if there is none. Used only to explain a cache miss (one indexed query)."""
+        return None
+
     async def get_step_logs(self, step_run_id: str) -> str:
         """What a step run printed and logged ('' if nothing was captured)."""
         raise NotImplementedError

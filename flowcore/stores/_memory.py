@@ -24,6 +24,9 @@ class InMemoryMetadataStore(MetadataStore):
         self._artifacts: dict[str, ArtifactVersion] = {}
         self._cache: dict[str, StepRun] = {}
         self._cache_pipeline: dict[str, str] = {}
+        # (pipeline name, invocation ID) -> (run id, cache key components) of the newest
+        # finished step run that has them: explains a miss without scanning every run.
+        self._components: dict[tuple[str, str], tuple[str, dict[str, str]]] = {}
 
     async def open(self) -> None:
         return None
@@ -47,6 +50,9 @@ class InMemoryMetadataStore(MetadataStore):
         self.record_step_run(run, step_run)
 
     def record_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
+        if step_run.cache_components is not None and step_run.status.is_finished:
+            self._components[(run.pipeline_name, step_run.name)] = (
+                run.id, step_run.cache_components)
         if step_run.status is StepStatus.COMPLETED:
             for art in step_run.outputs.values():
                 self._artifacts[art.id] = art
@@ -92,6 +98,16 @@ class InMemoryMetadataStore(MetadataStore):
 
     async def find_cached(self, cache_key: str) -> StepRun | None:
         return self._cache.get(cache_key)
+
+    async def find_latest_cache_components(self, pipeline_run_id: str, step_name: str
+                                           ) -> dict[str, str] | None:
+        current = self._runs.get(pipeline_run_id)
+        if current is None:
+            return None
+        found = self._components.get((current.pipeline_name, step_name))
+        if found is None or found[0] == pipeline_run_id:
+            return None
+        return found[1]
 
     async def delete_run(self, name_or_id: str) -> None:
         run = await self.get_run(name_or_id)

@@ -99,6 +99,8 @@ class SqliteMetadataStore(MetadataStore):
         self._wake: asyncio.Event | None = None  # set when record_step_run queued a write
         self._lost: list[BaseException] = []  # failed writes nobody awaited
         self._lookups: Coalescer[str, StepRun | None] = Coalescer(self._find_cached_many)
+        self._explains: Coalescer[tuple[str, str], dict[str, str] | None] = Coalescer(
+            self._find_components_many)
         # Step-run writes queued and not yet taken by a commit, by step run id.
         self._queued_steps: dict[str, Pending] = {}
 
@@ -339,6 +341,14 @@ class SqliteMetadataStore(MetadataStore):
         for step_run in found.values():
             self._bind_step(step_run)
         return [found.get(key) for key in keys]
+
+    async def find_latest_cache_components(self, pipeline_run_id: str, step_name: str
+                                           ) -> dict[str, str] | None:
+        # Misses that arrive together (a first run of a wide fan-out) share one thread hop.
+        return await self._explains((pipeline_run_id, step_name))
+
+    async def _find_components_many(self, items: list[tuple[str, str]]) -> list[Any]:
+        return await self._read(partial(reads.find_latest_cache_components_many, items=items))
 
     async def delete_run(self, name_or_id: str) -> None:
         await self._write(partial(ops.delete_run, name_or_id=name_or_id))

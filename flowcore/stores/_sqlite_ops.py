@@ -39,7 +39,13 @@ def _row(values: tuple[Any, ...]) -> tuple[Any, ...]:
 
     Called inside the writes, in the connection thread: a large text is never encoded on the loop.
     """
-    return tuple(encodable(v) if type(v) is str else v for v in values)
+    return tuple(encodable(v) if type(v) is str else _json(v) if type(v) is dict else v
+                 for v in values)
+
+
+def _json(value: dict[str, Any]) -> str:
+    """A step run's cache key components (a dict of strings), encoded in the writing thread."""
+    return encodable(json.dumps(value, sort_keys=True))
 
 
 def _step_values(sr: StepRun, *, with_config: bool = True) -> tuple[Any, ...]:
@@ -48,7 +54,7 @@ def _step_values(sr: StepRun, *, with_config: bool = True) -> tuple[Any, ...]:
         sr.status.value, sr.attempts, sr.cache_key, sr.cache_miss_reason,
         to_iso(sr.start_time), to_iso(sr.end_time),
         err.type if err else None, err.message if err else None, err.traceback if err else None,
-        encode_hook_errors(sr.hook_errors),
+        encode_hook_errors(sr.hook_errors), sr.cache_components,
     )
     if with_config:
         values += (encode_config(sr.config), json.dumps(list(sr.upstream)))
@@ -80,7 +86,7 @@ def insert_run(run: PipelineRun, *, pid: int, host: str, now: datetime) -> Write
         db.execute("INSERT OR IGNORE INTO pipelines (name, created) VALUES (?, ?)",
                    _row((run.pipeline_name, to_iso(now))))
         db.executemany(f"INSERT INTO step_runs ({STEP_COLUMNS}, position) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        [_row(r) for r in step_rows])
 
     return write
@@ -110,11 +116,11 @@ def heartbeat(run_id: str, now: datetime) -> Write[None]:
 _UPDATE_STEP = (
     "UPDATE step_runs SET status = ?, attempts = ?, cache_key = ?, cache_miss_reason = ?, "
     "start_time = ?, end_time = ?, error_type = ?, error_message = ?, error_traceback = ?, "
-    "hook_errors = ? WHERE id = ?"
+    "hook_errors = ?, cache_components = ? WHERE id = ?"
 )
 _INSERT_STEP = (
     f"INSERT INTO step_runs ({STEP_COLUMNS}, position) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
     "(SELECT COALESCE(MAX(position), -1) + 1 FROM step_runs WHERE run_id = ?))"
 )
 

@@ -23,7 +23,8 @@ from flowcore.exceptions import ArtifactLoadError, RunNotFoundError
 from flowcore.stores._sqlite_schema import decode_config, decode_hook_errors, from_iso
 
 __all__ = [
-    "ARTIFACT_COLUMNS", "RUN_COLUMNS", "STEP_COLUMNS", "find_cached_many", "find_run_row",
+    "ARTIFACT_COLUMNS", "RUN_COLUMNS", "STEP_COLUMNS", "find_cached_many",
+    "find_latest_cache_components_many", "find_run_row",
     "list_runs", "read_artifact", "read_run", "read_snapshot", "read_step_logs",
 ]
 
@@ -31,7 +32,8 @@ T = TypeVar("T")
 
 STEP_COLUMNS = (
     "id, run_id, name, step_name, status, attempts, cache_key, cache_miss_reason, start_time, "
-    "end_time, error_type, error_message, error_traceback, hook_errors, config, upstream"
+    "end_time, error_type, error_message, error_traceback, hook_errors, cache_components, config, "
+    "upstream"
 )
 ARTIFACT_COLUMNS = (
     "id, name, uri, materializer, data_type, content_hash, size, producer_step_run_id, "
@@ -72,6 +74,8 @@ def _step_from_row(row: sqlite3.Row) -> StepRun:
                              traceback=row["error_traceback"] or "")
     sr.hook_errors = decode_hook_errors(row["hook_errors"])
     sr.upstream = tuple(json.loads(row["upstream"] or "[]"))
+    if row["cache_components"] is not None:
+        sr.cache_components = json.loads(row["cache_components"])
     return sr
 
 
@@ -187,3 +191,24 @@ def find_cached_many(db: sqlite3.Connection, cache_keys: list[str]) -> dict[str,
         if steps:
             _attach_outputs(db, steps, ", ".join("?" * len(steps)), steps)
     return found
+
+
+def find_latest_cache_components_many(db: sqlite3.Connection, items: list[tuple[str, str]]
+                                      ) -> list[dict[str, str] | None]:
+    """For each (run id, invocation ID): the cache key components of the newest step run of
+    that name, in another run of the same pipeline, that has them (None if none).
+
+    Walks that pipeline's runs newest first (runs_pipeline index) and probes each run's step
+    by name (step_runs_name index)."""
+    out: list[dict[str, str] | None] = []
+    for run_id, name in items:
+        row = db.execute(
+            "SELECT s.cache_components FROM runs r "
+            "JOIN step_runs s ON s.run_id = r.id AND s.name = ? "
+            "WHERE r.pipeline_name = (SELECT pipeline_name FROM runs WHERE id = ?) "
+            "AND r.id != ? AND s.cache_components IS NOT NULL "
+            "ORDER BY r.start_time DESC, r.rowid DESC LIMIT 1",
+            (encodable(name), run_id, run_id),
+        ).fetchone()
+        out.append(None if row is None else json.loads(row[0]))
+    return out

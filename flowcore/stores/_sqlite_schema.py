@@ -114,6 +114,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX step_runs_unfinished ON step_runs(run_id) "
         "WHERE status IN ('pending', 'running', 'retrying')",
     ),
+    # 4: the digest of each part of a step run's cache key (JSON), so a later miss can say
+    # which part changed.
+    4: ("ALTER TABLE step_runs ADD COLUMN cache_components TEXT",),
 }
 LATEST_VERSION = max(_MIGRATIONS)
 
