@@ -6,10 +6,15 @@ original streams and also append to the buffer of the step running in the curren
 root logger appends formatted log records the same way. Nothing is captured outside steps.
 Text UTF-8 cannot encode (lone surrogates) is recorded escaped, and written through escaped
 when the real stream refuses it.
+
+A step's capture is bounded: a `CaptureBuffer` keeps only the last `limit_bytes` (default
+1 MB) of what the step wrote, in a ring of chunks it drops from the front, and says how much
+it dropped when its text is taken (joined once, at the end of the step).
 """
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import logging
 import sys
@@ -18,9 +23,90 @@ from typing import Any, TextIO
 
 from flowcore._models import encodable
 
-__all__ = ["install", "set_buffer", "uninstall"]
+__all__ = ["DEFAULT_LOG_LIMIT", "CaptureBuffer", "install", "set_buffer", "uninstall"]
 
-_buffer: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+DEFAULT_LOG_LIMIT = 1024 * 1024  # bytes of a step's output kept: the last 1 MB
+
+
+class CaptureBuffer:
+    """The last `limit_bytes` of what one step printed and logged.
+
+    Appends are chunks kept in a deque; once more than the limit is held, whole chunks are
+    dropped from the front (the oldest chunk still needed is cut when the text is taken), so
+    at most the limit plus one chunk is ever held, and the kept text is joined only once.
+    Sizes are counted in characters, which for the ASCII most logs are equals UTF-8 bytes
+    and otherwise keeps somewhat more; a step's threads may append concurrently.
+
+    Args:
+        limit_bytes: how much of the end of the output to keep; 0 keeps nothing (but still
+            counts what was dropped), None keeps everything.
+    """
+
+    __slots__ = ("_chunks", "_dropped", "_held", "_limit", "_lock")
+
+    def __init__(self, limit_bytes: int | None = DEFAULT_LOG_LIMIT) -> None:
+        if limit_bytes is not None and limit_bytes < 0:
+            raise ValueError(f"limit_bytes must be >= 0 or None, not {limit_bytes}")
+        self._limit = limit_bytes
+        self._chunks: collections.deque[str] = collections.deque()
+        self._held = 0  # characters in _chunks
+        self._dropped = 0  # characters dropped from the front so far
+        self._lock = threading.Lock()
+
+    def append(self, text: str) -> None:
+        """Record `text` (what a step wrote), dropping the oldest output beyond the limit."""
+        if not text:
+            return
+        limit = self._limit
+        with self._lock:
+            if limit is not None and len(text) > limit:
+                # One write longer than the limit: only its end can be kept; hold no more.
+                self._dropped += len(text) - limit
+                text = text[len(text) - limit:] if limit else ""
+            self._chunks.append(text)
+            self._held += len(text)
+            if limit is None:
+                return
+            chunks = self._chunks
+            # Drop whole chunks only while what is left still covers the limit.
+            while chunks and self._held - len(chunks[0]) >= limit:
+                first = chunks.popleft()
+                self._held -= len(first)
+                self._dropped += len(first)
+
+    @property
+    def dropped(self) -> int:
+        """How many characters of earlier output were dropped so far."""
+        with self._lock:
+            excess = 0 if self._limit is None else max(0, self._held - self._limit)
+            return self._dropped + excess
+
+    def text(self) -> str | None:
+        """The kept output, after a marker line saying how much was dropped; None if the step
+        wrote nothing."""
+        with self._lock:
+            if not self._chunks and not self._dropped:
+                return None
+            kept = "".join(self._chunks)
+            dropped = self._dropped
+        if self._limit is not None and len(kept) > self._limit:
+            cut = len(kept) - self._limit
+            kept = kept[cut:]
+            dropped += cut
+        if not dropped:
+            return kept
+        return f"[flowcore: {_size(dropped)} of earlier output dropped]\n{kept}"
+
+
+def _size(n: int) -> str:
+    if n >= 1024 * 1024:
+        return f"{n / (1024 * 1024):.1f} MB"
+    if n >= 1024:
+        return f"{n / 1024:.1f} KB"
+    return f"{n} bytes"
+
+
+_buffer: contextvars.ContextVar[list[str] | CaptureBuffer | None] = contextvars.ContextVar(
     "flowcore_step_output", default=None
 )
 
@@ -112,10 +198,13 @@ def uninstall() -> None:
         _saved = None
 
 
-def set_buffer(buf: list[str] | None) -> contextvars.Token[list[str] | None]:
-    """Make `buf` receive what is printed and logged in this context."""
+def set_buffer(
+    buf: CaptureBuffer | list[str] | None,
+) -> contextvars.Token[list[str] | CaptureBuffer | None]:
+    """Make `buf` receive what is printed and logged in this context (a list keeps
+    everything; it is still accepted until every caller passes a CaptureBuffer)."""
     return _buffer.set(buf)
 
 
-def reset_buffer(token: contextvars.Token[list[str] | None]) -> None:
+def reset_buffer(token: contextvars.Token[list[str] | CaptureBuffer | None]) -> None:
     _buffer.reset(token)

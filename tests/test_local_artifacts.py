@@ -26,6 +26,7 @@ from flowcore.exceptions import ArtifactLoadError, MaterializerError
 from flowcore.materializers import (
     CloudpickleMaterializer,
     Materializer,
+    directory_digest,
     hash_directory,
     materializer_for,
 )
@@ -153,11 +154,12 @@ async def test_fallback_is_logged_and_recorded(store: LocalArtifactStore,
 
 async def test_tampered_pickle_is_refused_before_unpickling(store: LocalArtifactStore,
                                                             tmp_path: Path) -> None:
-    """A pickle replaced after saving fails its signature check and is never unpickled."""
+    """A pickle replaced after saving fails its integrity check (hash, then signature) and is
+    never unpickled."""
     artifact = await save(store, Opaque(1))
     marker = tmp_path / "unpickled"
     (Path(artifact.uri) / "artifact.pkl").write_bytes(pickle.dumps(Touch(str(marker))))
-    with pytest.raises(ArtifactLoadError, match="signature"):
+    with pytest.raises(ArtifactLoadError, match="damaged|signature"):
         artifact.load()
     assert not marker.exists()
 
@@ -182,8 +184,13 @@ async def test_pickle_signed_with_another_key_is_refused(store: LocalArtifactSto
 
 async def test_wrong_python_version_is_refused(store: LocalArtifactStore) -> None:
     """A pickle recorded under another Python major.minor raises ArtifactLoadError."""
-    artifact = await save(store, Opaque(5))
-    (Path(artifact.uri) / "metadata.json").write_text('{"python_version": "3.6.0"}')
+    saved = await save(store, Opaque(5))
+    (Path(saved.uri) / "metadata.json").write_text('{"python_version": "3.6.0"}')
+    # As recorded by that other Python: its hash and size are those of the files as they are.
+    digest, size = directory_digest(saved.uri)
+    artifact = store.bind(ArtifactVersion(
+        id=saved.id, name=saved.name, uri=saved.uri, materializer=saved.materializer,
+        data_type=saved.data_type, content_hash=digest, size=size))
     with pytest.raises(ArtifactLoadError, match=r"3\.6\.0"):
         artifact.load()
 

@@ -11,6 +11,7 @@ from flowcore.exceptions import MaterializerError
 __all__ = [
     "Materializer",
     "is_builtin_materializer",
+    "is_known_type",
     "materializer_for",
     "remember_type",
     "resolve_materializer",
@@ -173,6 +174,11 @@ def _import_object(path: str) -> Any:
             obj = getattr(obj, attr)
         return obj
     raise ImportError(f"no module found for '{path}'")
+
+
+def is_known_type(name: str) -> bool:
+    """Whether `type_from_name(name)` is answered from memory (no import)."""
+    return name in _TYPES
 
 
 def type_from_name(name: str) -> type | None:

@@ -16,6 +16,7 @@ from typing import Any, TypeGuard
 
 from flowcore.exceptions import MaterializerError
 from flowcore.materializers._base import Materializer
+from flowcore.materializers._json import dumps_pieces, loads_text
 
 __all__ = [
     "BuiltInContainerMaterializer",
@@ -50,24 +51,31 @@ def _json_exact(value: Any) -> bool:
     return False
 
 
-def _json_bytes(payload: Any) -> bytes:
+def _json_parts(payload: Any) -> list[bytes]:
+    """`json.dumps(payload, ensure_ascii=False)` as UTF-8, in bounded pieces (see _json)."""
     try:
-        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        return [p.encode("utf-8") for p in dumps_pieces(payload, ensure_ascii=False)]
     except UnicodeEncodeError:
         # A lone surrogate (a str decoded with surrogateescape) has no UTF-8 form; JSON's
         # \uXXXX escapes keep it, valid and exact on the way back.
-        return json.dumps(payload).encode("ascii")
+        return [p.encode("ascii") for p in dumps_pieces(payload)]
+
+
+def _json_bytes(payload: Any) -> bytes:
+    return b"".join(_json_parts(payload))
 
 
 def _write_json(uri: str, payload: Any) -> None:
     # The same bytes as files_for() gives, so both paths produce one content hash.
     with open(os.path.join(uri, _JSON_FILE), "wb") as f:
-        f.write(_json_bytes(payload))
+        f.writelines(_json_parts(payload))
 
 
 def _read_json(uri: str) -> Any:
-    with open(os.path.join(uri, _JSON_FILE), encoding="utf-8") as f:
-        return json.load(f)
+    with open(os.path.join(uri, _JSON_FILE), "rb") as f:
+        data = f.read()
+    # json.load would decode a large document in one GIL-holding call; loads_text does not.
+    return loads_text(data.decode("utf-8"))
 
 
 def _refuse(data: Any, why: str) -> MaterializerError:

@@ -15,11 +15,15 @@ from flowcore.materializers._cloudpickle import CloudpickleMaterializer
 
 __all__ = [
     "RESERVED_PREFIX",
+    "DirectoryState",
     "content_hash_of",
     "directory_digest",
+    "directory_state",
     "files_digest",
     "hash_directory",
+    "replace_content",
     "save_with_fallback",
+    "state_size",
 ]
 
 # Top-level files whose names start with this belong to the artifact store (signatures,
@@ -176,3 +180,71 @@ def content_hash_of(value: Any, materializer: type[Materializer], data_type: typ
         os.makedirs(uri)
         save_with_fallback(value, materializer, uri)
         return hash_directory(uri)
+
+
+# What a directory looks like to stat(): (relative path, size, mtime in ns, inode) of every
+# file, sorted. Any write, replacement or deletion of a file changes it.
+DirectoryState = tuple[tuple[str, int, int, int], ...]
+
+
+def directory_state(path: str) -> DirectoryState | None:
+    """The stat() view of every file under `path`, or None if `path` is no directory.
+
+    Costs one stat per file and reads no content, so it may run on the event loop for an
+    artifact of a few files.
+    """
+    entries: list[tuple[str, int, int, int]] = []
+    pending = [("", path)]
+    try:
+        while pending:
+            rel_dir, full_dir = pending.pop()
+            with os.scandir(full_dir) as it:
+                for entry in it:
+                    rel = f"{rel_dir}{entry.name}"
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append((rel + "/", entry.path))
+                    else:
+                        st = entry.stat(follow_symlinks=False)
+                        entries.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    entries.sort()
+    return tuple(entries)
+
+
+def state_size(state: DirectoryState) -> int:
+    """The total size in bytes of the files a `directory_state` saw."""
+    return sum(entry[1] for entry in state)
+
+
+def replace_content(source: str, target: str) -> None:
+    """Make the directory `target` hold exactly the files of `source`, moving them over.
+
+    Each file is renamed into place (atomic per file), so a reader sees either the old or
+    the new file whole; what `target` has and `source` has not (a stray or damaged entry)
+    is removed. `source` is left empty.
+    """
+    wanted: set[str] = set()
+    for dirpath, dirs, names in os.walk(source):
+        rel_dir = os.path.relpath(dirpath, source)
+        target_dir = os.path.normpath(os.path.join(target, rel_dir))
+        if os.path.islink(target_dir) or (os.path.lexists(target_dir)
+                                          and not os.path.isdir(target_dir)):
+            os.unlink(target_dir)
+        os.makedirs(target_dir, exist_ok=True)
+        for name in dirs + names:
+            wanted.add(os.path.normpath(os.path.join(rel_dir, name)))
+        for name in names:
+            dst = os.path.join(target_dir, name)
+            if os.path.isdir(dst) and not os.path.islink(dst):
+                shutil.rmtree(dst)
+            os.replace(os.path.join(dirpath, name), dst)
+    for dirpath, dirs, names in os.walk(target, topdown=False):
+        for name in names + dirs:
+            full = os.path.join(dirpath, name)
+            if os.path.normpath(os.path.relpath(full, target)) in wanted:
+                continue
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.unlink(full)

@@ -129,6 +129,19 @@ class ArtifactStore(abc.ABC):
     def exists(self, artifact: ArtifactVersion) -> bool:
         """Whether the artifact's content is still there (a cache hit needs it)."""
 
+    async def verify(self, artifact: ArtifactVersion) -> str | None:
+        """Why `artifact` cannot be reused by a cache hit, or None when it is sound.
+
+        The reason is a short sentence naming the artifact: it is missing, damaged (its
+        content no longer matches its stored hash) or no longer loadable (its type or
+        materializer cannot be imported). Stores that can check more than `exists` override
+        this; hashing anything but tiny content happens off the event loop.
+        """
+        if self.exists(artifact):
+            return None
+        return (f"artifact '{artifact.name}' (id {artifact.id}) of step run "
+                f"{artifact.producer_step_run_id} at {artifact.uri} is missing")
+
     @abc.abstractmethod
     def bind(self, artifact: ArtifactVersion) -> ArtifactVersion:
         """Attach this store's loader to an artifact version read back from metadata."""

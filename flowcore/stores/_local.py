@@ -15,9 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio.to_thread
-
 from flowcore._models import ArtifactVersion
+from flowcore._threads import run_in_worker_thread
 from flowcore.exceptions import ArtifactLoadError, StoreError
 from flowcore.materializers import (
     CloudpickleMaterializer,
@@ -28,14 +27,21 @@ from flowcore.materializers import (
     save_with_fallback,
     type_from_name,
 )
+from flowcore.materializers._base import is_known_type
 from flowcore.materializers._cloudpickle import PICKLE_FILE
+from flowcore.materializers._content import (
+    DirectoryState,
+    directory_state,
+    replace_content,
+    state_size,
+)
+from flowcore.materializers._estimate import SMALL_BYTES, roughly_small
 from flowcore.stores._base import ArtifactStore
 
 __all__ = ["SIGNATURE_FILE", "LocalArtifactStore"]
 
 SIGNATURE_FILE = ".flowcore-signature"
 _KEY_BYTES = 32
-_INLINE_BYTES = 64 * 1024  # values up to this size are hashed in memory first
 
 
 class LocalArtifactStore(ArtifactStore):
@@ -44,6 +50,13 @@ class LocalArtifactStore(ArtifactStore):
     Equal content is stored once. Values written with the cloudpickle fallback are signed
     with an HMAC key kept next to the artifacts, and a pickle whose signature does not verify
     is never unpickled.
+
+    Integrity: a load checks the artifact's size, and for artifacts of 64 KB or less its
+    content hash; `verify` (what a cache hit asks) checks the full hash of any size. A write
+    of content already stored replaces whatever is there, so a damaged or deleted artifact
+    heals the next time its content is produced. The only thing remembered in memory is the
+    stat() view of directories this process wrote or fully verified, and it is trusted only
+    while the directory still looks exactly like that.
 
     Args:
         root: the directory artifacts live in (created on first save).
@@ -61,9 +74,8 @@ class LocalArtifactStore(ArtifactStore):
         self.key_path = Path(key_path).absolute() if key_path else self.root.parent / "signing.key"
         self._key: bytes | None = None
         self._key_lock = threading.Lock()
-        # Digests this process has stored or seen stored (content-addressed: never changes,
-        # unless someone deletes it behind our back, which exists() reports on a cache hit).
-        self._known: set[str] = set()
+        # uri -> the directory_state() it had when this process last wrote or fully hashed it.
+        self._sound: dict[str, DirectoryState] = {}
 
     def __repr__(self) -> str:
         return f"<LocalArtifactStore {self.root}>"
@@ -78,20 +90,20 @@ class LocalArtifactStore(ArtifactStore):
         producer_step_run_id: str,
         step_label: str,
     ) -> ArtifactVersion:
-        files = self._files_for(value, materializer)
-        if files is not None and sum(map(len, files.values())) <= _INLINE_BYTES:
-            # A small value whose files are known without I/O: hashed here, and written only
-            # when this content is not stored yet (equal outputs are common: None, 0, []).
+        # Encoding and hashing on the loop only for a value surely small (a bounded look).
+        files = self._files_for(value, materializer) if roughly_small(value) else None
+        if files is not None and sum(map(len, files.values())) <= SMALL_BYTES:
+            # Small, and its files known without I/O: hashed here, and written unless this
+            # process wrote or verified this content and its files are untouched since.
             digest, size = files_digest(files)
             final = self.root / digest[:2] / digest
-            if digest not in self._known:
-                await anyio.to_thread.run_sync(self._publish_files, files, final)
-                self._known.add(digest)
+            if not self._vouched(str(final)):
+                await run_in_worker_thread(self._publish_files, files, final)
             used, uri = materializer, str(final)
         else:
-            # Writing and hashing are blocking file I/O; a cancellation waits for the thread,
-            # so no half-written directory is left behind.
-            used, uri, digest, size = await anyio.to_thread.run_sync(
+            # Serialising, hashing and writing in a worker thread. A cancelled save leaves
+            # the thread to finish: publishing is a rename, so no half-written artifact.
+            used, uri, digest, size = await run_in_worker_thread(
                 self._save_sync, value, materializer, step_label
             )
         # Record the concrete type when the value is an instance of a subclass, so a loader
@@ -129,9 +141,49 @@ class LocalArtifactStore(ArtifactStore):
     def exists(self, artifact: ArtifactVersion) -> bool:
         if os.path.isdir(artifact.uri):
             return True
-        # Deleted behind our back: the next save of this content must write it again.
-        self._known.discard(os.path.basename(artifact.uri))
+        self._sound.pop(artifact.uri, None)
         return False
+
+    async def verify(self, artifact: ArtifactVersion) -> str | None:
+        state = directory_state(artifact.uri)  # stat() only: fine on the loop
+        if state is None:
+            self._sound.pop(artifact.uri, None)
+            return f"{_what(artifact)} is missing: its directory no longer exists"
+        if self._sound.get(artifact.uri) == state and _types_known(artifact):
+            return None
+        if artifact.size is not None and state_size(state) != artifact.size:
+            return _damaged(artifact)
+        if state_size(state) <= SMALL_BYTES and _types_known(artifact):
+            return self._check(artifact, state)  # a few small files: cheaper than a thread
+        return await run_in_worker_thread(self._check, artifact, state)
+
+    def _check(self, artifact: ArtifactVersion, state: DirectoryState) -> str | None:
+        """The full check behind `verify` (blocking: reads every file)."""
+        unloadable = _unloadable(artifact)
+        if unloadable is not None:
+            return f"{_what(artifact)} is no longer loadable: {unloadable}"
+        try:
+            digest, size = directory_digest(artifact.uri)
+        except OSError:
+            return f"{_what(artifact)} is missing: its directory no longer exists"
+        recorded = _recorded_hash(artifact)
+        if (recorded is not None and digest != recorded) or (
+                artifact.size is not None and size != artifact.size):
+            return _damaged(artifact)
+        if os.path.exists(os.path.join(artifact.uri, PICKLE_FILE)):
+            try:
+                with open(os.path.join(artifact.uri, PICKLE_FILE), "rb") as f:
+                    self._verify(artifact.uri, f.read())
+            except (OSError, ArtifactLoadError) as exc:
+                return f"{_what(artifact)} is no longer loadable: {exc}"
+        # The state seen before hashing: a change made meanwhile makes the next look re-hash.
+        self._sound[artifact.uri] = state
+        return None
+
+    def _vouched(self, uri: str) -> bool:
+        """Whether this process wrote or fully verified `uri` and it is untouched since."""
+        known = self._sound.get(uri)
+        return known is not None and directory_state(uri) == known
 
     def bind(self, artifact: ArtifactVersion) -> ArtifactVersion:
         # ArtifactVersion has no public setter for its loader; the store owns this attribute.
@@ -156,10 +208,10 @@ class LocalArtifactStore(ArtifactStore):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    @staticmethod
-    def _publish(uri: str, final: Path) -> bool:
-        """Rename a filled staging directory to its content address; False if equal content
-        was already there (stored by us earlier, or by a racing writer)."""
+    def _publish(self, uri: str, final: Path) -> None:
+        """Move a filled staging directory to its content address. If that address is taken
+        (equal content stored earlier, by us or a racing writer, or a damaged copy of it),
+        the staged files replace what is there, unless this process knows it is intact."""
         final.parent.mkdir(exist_ok=True)
         try:
             # Atomic publish: readers see the whole directory or none of it.
@@ -167,12 +219,13 @@ class LocalArtifactStore(ArtifactStore):
         except OSError:
             if not final.is_dir():
                 raise
-            return False
-        return True
+            if not self._vouched(str(final)):
+                replace_content(uri, str(final))
+        state = directory_state(str(final))
+        if state is not None:
+            self._sound[str(final)] = state
 
     def _publish_files(self, files: dict[str, bytes], final: Path) -> None:
-        if final.is_dir():
-            return
         with self._staging() as uri:
             for rel, data in files.items():
                 with open(os.path.join(uri, rel), "wb") as f:
@@ -184,15 +237,13 @@ class LocalArtifactStore(ArtifactStore):
     ) -> tuple[type[Materializer], str, str, int]:
         with self._staging() as uri:
             used = save_with_fallback(value, materializer, uri, label=step_label)
-            signed = issubclass(used, CloudpickleMaterializer)
-            if signed:
+            if issubclass(used, CloudpickleMaterializer):
                 self._sign(uri)
             digest, size = directory_digest(uri)
             final = self.root / digest[:2] / digest
-            if not self._publish(uri, final) and signed:
-                # The stored copy's signature may come from an older key: put ours, made
-                # from our own bytes, in its place.
-                os.replace(os.path.join(uri, SIGNATURE_FILE), final / SIGNATURE_FILE)
+            # The stored copy's signature may come from an older key: a fresh store has not
+            # vouched for it, so ours (made from our own bytes) replaces it.
+            self._publish(uri, final)
             return used, str(final), digest, size
 
     def _sign(self, uri: str) -> None:
@@ -213,12 +264,8 @@ class LocalArtifactStore(ArtifactStore):
     # -- loading (synchronous: `ArtifactVersion.aload` moves it to a thread) ----------------
 
     def _load(self, artifact: ArtifactVersion) -> Any:
-        what = f"artifact '{artifact.name}' (id {artifact.id}) at {artifact.uri}"
-        if not os.path.isdir(artifact.uri):
-            raise ArtifactLoadError(
-                f"{what} is missing: the directory no longer exists (was the artifact store "
-                "moved or cleaned?)"
-            )
+        what = _what(artifact)
+        self._check_before_load(artifact)
         materializer = type_from_name(artifact.materializer)
         if not (isinstance(materializer, type) and issubclass(materializer, Materializer)):
             raise ArtifactLoadError(
@@ -238,6 +285,30 @@ class LocalArtifactStore(ArtifactStore):
                 f"cannot load {what} with {artifact.materializer}: {type(exc).__name__}: {exc}"
             ) from exc
 
+    def _check_before_load(self, artifact: ArtifactVersion) -> None:
+        """Missing: refuse. Then the size, and the full hash of an artifact of 64 KB or less
+        (a larger one is hashed in full by `verify`, when a cache hit would reuse it)."""
+        state = directory_state(artifact.uri)
+        if state is None:
+            raise ArtifactLoadError(
+                f"{_what(artifact)} is missing: the directory no longer exists (was the "
+                "artifact store moved or cleaned?)"
+            )
+        if self._sound.get(artifact.uri) == state:
+            return
+        size = state_size(state)
+        damaged = artifact.size is not None and size != artifact.size
+        recorded = _recorded_hash(artifact)
+        if not damaged and size <= SMALL_BYTES and recorded is not None:
+            damaged = directory_digest(artifact.uri)[0] != recorded
+            if not damaged:
+                self._sound[artifact.uri] = state
+        if damaged:
+            raise ArtifactLoadError(
+                f"{_damaged(artifact)}; run the step again (with the cache on, its next run "
+                "replaces it)"
+            )
+
     def _verify(self, uri: str, payload: bytes) -> None:
         try:
             with open(os.path.join(uri, SIGNATURE_FILE), encoding="ascii") as f:
@@ -251,6 +322,42 @@ class LocalArtifactStore(ArtifactStore):
                 f"the pickle's signature does not verify with {self.key_path}: it was changed "
                 "after it was written, or signed with another key; refusing to unpickle it"
             )
+
+
+def _what(artifact: ArtifactVersion) -> str:
+    return (f"artifact '{artifact.name}' (id {artifact.id}) of step run "
+            f"{artifact.producer_step_run_id} at {artifact.uri}")
+
+
+def _damaged(artifact: ArtifactVersion) -> str:
+    return f"{_what(artifact)} is damaged: its content no longer matches its stored hash"
+
+
+def _recorded_hash(artifact: ArtifactVersion) -> str | None:
+    # The hash recorded at write; artifacts stored by early versions may have none.
+    return artifact._content_hash
+
+
+def _types_known(artifact: ArtifactVersion) -> bool:
+    return is_known_type(artifact.materializer) and is_known_type(artifact.data_type)
+
+
+def _unloadable(artifact: ArtifactVersion) -> str | None:
+    """Why the artifact's materializer or type cannot be imported any more, or None."""
+    materializer = type_from_name(artifact.materializer)
+    if not (isinstance(materializer, type) and issubclass(materializer, Materializer)):
+        return f"its materializer '{artifact.materializer}' cannot be imported"
+    name = artifact.data_type
+    if issubclass(materializer, CloudpickleMaterializer) and (
+            name.startswith("__main__.") or "<locals>" in name):
+        return None  # cloudpickle stored such a class by value, inside the pickle
+    try:
+        found = type_from_name(name)
+    except Exception as exc:  # the module exists but fails to import
+        return f"importing its type '{name}' failed: {type(exc).__name__}: {exc}"
+    if found is None:
+        return f"its type '{name}' cannot be imported (was its module renamed or moved?)"
+    return None
 
 
 def _load_or_create_key(path: Path) -> bytes:
