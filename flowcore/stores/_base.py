@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 from flowcore._models import ArtifactVersion, PipelineRun, RunStatus, StepRun
+from flowcore.stores._control import CancelWatchers, Leases
 
 __all__ = ["ArtifactStore", "MetadataStore"]
 
@@ -104,6 +106,67 @@ class MetadataStore(abc.ABC):
     async def clear_cache(self, pipeline_name: str | None = None) -> int:
         """Forget cache entries (of one pipeline, or all); returns how many."""
         raise NotImplementedError
+
+    # -- run control (API.md §15-16) ----------------------------------------------------------
+    # The defaults suit a store that lives in one process (every RUNNING run in it is run by
+    # this process); a store shared by processes overrides them.
+
+    @property
+    def _cancel_watchers(self) -> CancelWatchers:
+        found: CancelWatchers | None = self.__dict__.get("_watchers_state")
+        if found is None:
+            found = self.__dict__["_watchers_state"] = CancelWatchers()
+        return found
+
+    @property
+    def _leases(self) -> Leases:
+        found: Leases | None = self.__dict__.get("_leases_state")
+        if found is None:
+            found = self.__dict__["_leases_state"] = Leases()
+        return found
+
+    async def request_cancel(self, run_id: str, drain: bool) -> RunStatus:
+        """Ask whoever runs run `run_id` (a name works too) to stop it; return its status.
+
+        A finished run is left alone and its status returned. A RUNNING run whose process is
+        gone is marked CRASHED at once (its unfinished steps STOPPED, pending ones SKIPPED)
+        and CRASHED is returned. Otherwise the request is recorded, the run's process stops
+        it (`drain`: running steps finish, nothing new starts) and RUNNING is returned.
+
+        Raises:
+            RunNotFoundError: no such run.
+        """
+        run = await self.get_run(run_id)
+        if run.status.is_finished:
+            return run.status
+        self._cancel_watchers.deliver(run.id, drain, keep=True)
+        return RunStatus.RUNNING
+
+    def watch_cancels(self, run_id: str, stop: Callable[[bool], None]) -> None:
+        """Call `stop(drain)` on this event loop, once per request, when run `run_id` (started
+        in this process) is asked to stop. The engine calls this when the run starts."""
+        self._cancel_watchers.add(run_id, stop)
+
+    def unwatch_cancels(self, run_id: str) -> None:
+        """Stop listening for run `run_id` (the engine calls this once its record is final)."""
+        self._cancel_watchers.remove(run_id)
+
+    async def run_is_live(self, run_id: str) -> bool:
+        """Whether the run is RUNNING in a process that is still there.
+
+        Raises:
+            RunNotFoundError: no such run.
+        """
+        return (await self.get_run(run_id)).status is RunStatus.RUNNING
+
+    async def acquire_slot(self, pool: str, limit: int, holder: str) -> bool:
+        """Take one of the `limit` slots of `pool` for `holder` (a unique id, such as a step
+        run's) if one is free; False if all are held. Taking a slot one already holds is true."""
+        return self._leases.take(pool, limit, holder)
+
+    async def release_slot(self, pool: str, holder: str) -> None:
+        """Give `holder`'s slot of `pool` back (nothing if it holds none)."""
+        self._leases.give_back(pool, holder)
 
 
 class ArtifactStore(abc.ABC):

@@ -7,23 +7,26 @@ import logging
 import os
 import socket
 import sqlite3
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import anyio.to_thread
 
 from flowcore._batching import Coalescer
 from flowcore._models import ArtifactVersion, PipelineRun, RunStatus, StepRun
 from flowcore.exceptions import StoreError
+from flowcore.stores import _sqlite_control as control
 from flowcore.stores import _sqlite_ops as ops
 from flowcore.stores import _sqlite_reads as reads
 from flowcore.stores._base import ArtifactStore, MetadataStore
-from flowcore.stores._sqlite_commit import Connection, Pending, commit_batch, mark_retrieved, settle
+from flowcore.stores._sqlite_commit import Connection
 from flowcore.stores._sqlite_errors import StoreErrors
 from flowcore.stores._sqlite_schema import migrate
+from flowcore.stores._sqlite_writer import WriteQueue
 
 __all__ = ["SqliteMetadataStore"]
 
@@ -36,6 +39,14 @@ _LIVE_RUN_IDS: set[str] = set()
 
 
 _BEAT_EVERY = 5.0  # seconds
+# While a run of this process is watched for cancel requests (or holds a pool lease), the
+# writer task wakes at least this often to look for requests (API.md §15: "within about a
+# second") and renew leases.
+_TICK = 1.0
+# A pool lease lapses this long after its last renewal (API.md §16: a killed process frees
+# its slots within about 10 s); the holder renews it every _RENEW_EVERY.
+LEASE_TTL = 10.0
+_RENEW_EVERY = 3.0
 
 
 def _now() -> datetime:
@@ -93,16 +104,24 @@ class SqliteMetadataStore(MetadataStore):
         self._errors = StoreErrors(self.path, busy_timeout)
         self._db: Connection | None = None
         self._open_lock: asyncio.Lock | None = None
-        self._queue: list[Pending] = []
-        self._session: asyncio.Future[None] | None = None  # set while a committer runs
+        self._writes = WriteQueue(self._errors, lambda: self._db)
         self._beats: dict[str, datetime] = {}  # run id -> last heartbeat written
-        self._wake: asyncio.Event | None = None  # set when record_step_run queued a write
-        self._lost: list[BaseException] = []  # failed writes nobody awaited
         self._lookups: Coalescer[str, StepRun | None] = Coalescer(self._find_cached_many)
         self._explains: Coalescer[tuple[str, str], dict[str, str] | None] = Coalescer(
             self._find_components_many)
-        # Step-run writes queued and not yet taken by a commit, by step run id.
-        self._queued_steps: dict[str, Pending] = {}
+        self._held: set[tuple[str, str]] = set()  # pool leases this store took: (pool, holder)
+        self._next_renewal = 0.0
+        self._next_cancel_check = 0.0
+
+    @property
+    def writer_wakeups(self) -> int:
+        """How often the serving writer task resumed (measured by the load tests)."""
+        return self._writes.wakeups
+
+    @property
+    def commits(self) -> int:
+        """How many group-commit batches this store wrote."""
+        return self._writes.commits
 
     def __repr__(self) -> str:
         return f"<SqliteMetadataStore {self.path} {'open' if self._db else 'closed'}>"
@@ -149,8 +168,7 @@ class SqliteMetadataStore(MetadataStore):
         if self._db is None:
             return
         # Writes already queued were promised to their callers: let them commit first.
-        while self._session is not None:
-            await asyncio.wait([self._session])
+        await self._writes.drain()
         db, self._db = self._db, None
         if db is not None:
             with self._errors("closing"):
@@ -165,73 +183,9 @@ class SqliteMetadataStore(MetadataStore):
     # -- group commit -----------------------------------------------------------------------
 
     async def _write(self, write: Callable[[sqlite3.Connection], T], step_key: str = "") -> T:
-        """Queue a write; the first writer to find no commit in flight commits the queue.
-
-        A step-run write (`step_key` set) replaces the same step run's queued, unawaited write
-        that no commit has taken yet: it carries the newer state, so a step that starts and
-        ends between two commits costs one row write, not two.
-        """
+        """Queue a write and wait for its group commit (see WriteQueue.write)."""
         await self._connection()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(mark_retrieved)
-        queued = self._queued_steps.get(step_key) if step_key else None
-        if queued is not None and queued.future is None and not queued.submitted:
-            queued.write = write
-            queued.future = future
-            pending = queued
-        else:
-            pending = Pending(write, future)
-            self._queue.append(pending)
-        try:
-            if self._session is None:
-                await self._commit_queued()
-            # A committer drains the queue before it stops, so our write is (or will be)
-            # in one of its batches, and the connection thread settles our future.
-            return cast(T, await future)
-        except asyncio.CancelledError:
-            if not pending.submitted and pending in self._queue:
-                self._queue.remove(pending)  # it never reached the database
-                if step_key and self._queued_steps.get(step_key) is pending:
-                    del self._queued_steps[step_key]
-            raise
-
-    async def _commit_queued(self) -> None:
-        session: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._session = session
-        cancelled: asyncio.CancelledError | None = None
-        try:
-            while self._queue:
-                # A writer cancelled while queued has had its future cancelled: drop its write.
-                batch = [p for p in self._queue if p.future is None or not p.future.cancelled()]
-                self._queue = []
-                if not batch:
-                    continue
-                for pending in batch:
-                    pending.submitted = True
-                self._queued_steps.clear()
-                db = self._db
-                try:
-                    with self._errors("writing"):
-                        if db is None:
-                            raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
-                        await db.run(partial(commit_batch, batch=batch, lost=self._lost_write,
-                                             translate=partial(self._errors.translate,
-                                                               operation="writing")))
-                except asyncio.CancelledError as exc:
-                    # The thread still commits this batch and settles its futures. Keep
-                    # draining: writers queued behind us wait on us, not on a timer.
-                    cancelled = exc
-                except Exception as error:  # the batch never ran (e.g. the connection closed)
-                    for pending in batch:
-                        if pending.future is None:
-                            self._lost_write(error)
-                        else:
-                            settle(pending.future, None, error)
-        finally:
-            self._session = None
-            session.set_result(None)
-        if cancelled is not None:
-            raise cancelled
+        return await self._writes.write(write, step_key)
 
     async def _read(self, read: Callable[[sqlite3.Connection], T]) -> T:
         db = await self._connection()
@@ -268,46 +222,108 @@ class SqliteMetadataStore(MetadataStore):
         return ops.upsert_step_run(run, step_run, now, beat=beat)
 
     def record_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
-        write = self._step_write(run, step_run)
-        queued = self._queued_steps.get(step_run.id)
-        if queued is not None and not queued.submitted:
-            queued.write = write  # newer state of the same step run (see _write)
-            return
-        pending = Pending(write, None)
-        self._queue.append(pending)
-        self._queued_steps[step_run.id] = pending
-        if self._wake is not None:
-            self._wake.set()
+        self._writes.record(step_run.id, self._step_write(run, step_run))
 
     async def serve_writes(self) -> None:
+        """Commit queued writes as they arrive, until cancelled.
+
+        Every run calls this on its loop's store; one call serves at a time and the others
+        wait their turn (first come, first served), so a queued write wakes one task, not one
+        per run. While a run of this process is watched for cancel requests, or a pool lease
+        is held, the serving call also wakes about once a second to deliver requests and renew
+        leases; otherwise it sleeps until a write arrives.
+        """
         await self._connection()
-        if self._wake is None:
-            self._wake = asyncio.Event()
-        wake = self._wake
-        while True:
-            await wake.wait()
-            wake.clear()
-            if self._session is None and self._queue:
-                await self._commit_queued()
+        await self._writes.serve(self._tick_every, self._tick)
+
+    def _tick_every(self) -> float | None:
+        return _TICK if self._cancel_watchers or self._held else None
+
+    async def _tick(self) -> None:
+        now = time.monotonic()
+        if self._cancel_watchers and now >= self._next_cancel_check:
+            # At most one query a tick, however busy the writer is.
+            self._next_cancel_check = now + _TICK * 0.8
+            await self._deliver_cancels()
+        if self._held and now >= self._next_renewal:
+            await self._renew_leases()
 
     async def flush(self) -> None:
-        if self._queue and self._session is None:
-            await self._commit_queued()
-        while self._session is not None:
-            await asyncio.wait([self._session])
-            if self._queue and self._session is None:
-                await self._commit_queued()
-        if self._lost:
-            errors, self._lost = self._lost, []
-            raise errors[0]
+        """Commit the writes queued before this call (and whatever shares their batches)."""
+        await self._writes.flush()
 
-    def _lost_write(self, error: BaseException) -> None:
-        # A queued write nobody awaited failed: remember it for the next flush().
-        self._lost.append(error)
+    # -- run control (API.md §15-16) ----------------------------------------------------------
+
+    def _liveness(self) -> control.Liveness:
+        return control.Liveness(host=self._host, now=_now(), stale_after=self._stale_after,
+                                is_dead=_is_dead)
+
+    async def request_cancel(self, run_id: str, drain: bool) -> RunStatus:
+        found, status = await self._write(partial(
+            control.request_cancel, name_or_id=run_id, drain=drain, live=self._liveness()))
+        if status is RunStatus.CRASHED:
+            _logger.warning("run_crashed: run '%s' was RUNNING but its process is gone; "
+                            "marked CRASHED", run_id)
+        elif status is RunStatus.RUNNING and found in self._cancel_watchers.ids():
+            # Run by this very store: the writer delivers it now, not at its next tick.
+            self._next_cancel_check = 0.0
+            self._writes.poke()
+        return status
+
+    def watch_cancels(self, run_id: str, stop: Callable[[bool], None]) -> None:
+        super().watch_cancels(run_id, stop)
+        self._writes.poke()  # the serving writer starts ticking now, not at the next write
+
+    async def run_is_live(self, run_id: str) -> bool:
+        return await self._read(partial(control.run_is_live, name_or_id=run_id,
+                                        live=self._liveness()))
+
+    async def _deliver_cancels(self) -> None:
+        found = await self._read(partial(control.pending_cancels,
+                                         run_ids=self._cancel_watchers.ids()))
+        if not found:
+            return
+        # Deleted before delivery: a request is delivered once, even if we are cancelled here.
+        await self._write(partial(control.drop_cancels, taken=found))
+        for run_id, drain, _ in found:
+            self._cancel_watchers.deliver(run_id, drain)
+
+    async def acquire_slot(self, pool: str, limit: int, holder: str) -> bool:
+        taken = await self._write(partial(
+            control.acquire_slot, pool=pool, limit=limit, holder=holder, now=time.time(),
+            ttl=LEASE_TTL, pid=os.getpid(), host=self._host,
+            pid_dead=lambda pid: not _pid_alive(pid)))
+        if taken:
+            if not self._held:
+                self._next_renewal = time.monotonic() + _RENEW_EVERY
+            self._held.add((pool, holder))
+            self._writes.poke()  # the serving writer starts renewing
+        return taken
+
+    async def release_slot(self, pool: str, holder: str) -> None:
+        self._held.discard((pool, holder))
+        await self._write(partial(control.release_slot, pool=pool, holder=holder))
+
+    async def _renew_leases(self) -> None:
+        self._next_renewal = time.monotonic() + _RENEW_EVERY
+        await self._write(partial(control.renew_slots, held=list(self._held),
+                                  expires=time.time() + LEASE_TTL))
 
     async def heartbeat(self, run: PipelineRun) -> None:
-        """Record that `run`'s process is alive (the runner calls this periodically)."""
-        await self._write(ops.heartbeat(run.id, _now()))
+        """Record that `run`'s process is alive (the runner calls this periodically); the
+        pool leases this store holds are renewed in the same write."""
+        beat = ops.heartbeat(run.id, _now())
+        if not self._held:
+            await self._write(beat)
+            return
+        held, expires = list(self._held), time.time() + LEASE_TTL
+        self._next_renewal = time.monotonic() + _RENEW_EVERY
+
+        def write(db: sqlite3.Connection) -> None:
+            beat(db)
+            control.renew_slots(db, held, expires)
+
+        await self._write(write)
 
     async def get_run(self, name_or_id: str) -> PipelineRun:
         return self._bind_run(await self._read(partial(reads.read_run, name_or_id=name_or_id)))

@@ -54,7 +54,7 @@ def _step_values(sr: StepRun, *, with_config: bool = True) -> tuple[Any, ...]:
         sr.status.value, sr.attempts, sr.cache_key, sr.cache_miss_reason,
         to_iso(sr.start_time), to_iso(sr.end_time),
         err.type if err else None, err.message if err else None, err.traceback if err else None,
-        encode_hook_errors(sr.hook_errors), sr.cache_components,
+        encode_hook_errors(sr.hook_errors), sr.cache_components, float(sr.waited),
     )
     if with_config:
         values += (encode_config(sr.config), json.dumps(list(sr.upstream)))
@@ -64,15 +64,15 @@ def _step_values(sr: StepRun, *, with_config: bool = True) -> tuple[Any, ...]:
 def insert_run(run: PipelineRun, *, pid: int, host: str, now: datetime) -> Write[None]:
     """Insert a run and all its step runs; a used name raises RunNameConflictError."""
     run_row = (run.id, run.name, run.pipeline_name, run.status.value, to_iso(run.start_time),
-               to_iso(run.end_time), encode_mapping(run.parameters), int(run.unlisted), pid, host,
-               to_iso(now))
+               to_iso(run.end_time), encode_mapping(run.parameters), int(run.unlisted),
+               run.resumed_from, run.source, pid, host, to_iso(now))
     step_rows = [(sr.id, run.id, sr.name, sr.step_name, *_step_values(sr), position)
                  for position, sr in enumerate(run.steps.values())]
 
     def write(db: sqlite3.Connection) -> None:
         try:
             db.execute(f"INSERT INTO runs ({RUN_COLUMNS}, pid, host, heartbeat) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _row(run_row))
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _row(run_row))
         except sqlite3.IntegrityError:
             taken = db.execute("SELECT pipeline_name FROM runs WHERE name = ?",
                                (encodable(run.name),)).fetchone()
@@ -86,7 +86,7 @@ def insert_run(run: PipelineRun, *, pid: int, host: str, now: datetime) -> Write
         db.execute("INSERT OR IGNORE INTO pipelines (name, created) VALUES (?, ?)",
                    _row((run.pipeline_name, to_iso(now))))
         db.executemany(f"INSERT INTO step_runs ({STEP_COLUMNS}, position) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        [_row(r) for r in step_rows])
 
     return write
@@ -96,8 +96,12 @@ def update_run(run: PipelineRun, now: datetime) -> Write[None]:
     """Store a run's status and end time; every write is also a sign of life."""
     row = (run.status.value, to_iso(run.end_time), to_iso(now), run.id)
 
+    finished = run.status.is_finished
+
     def write(db: sqlite3.Connection) -> None:
         db.execute("UPDATE runs SET status = ?, end_time = ?, heartbeat = ? WHERE id = ?", row)
+        if finished:  # a cancel request that arrived as the run ended has nobody to read it
+            db.execute("DELETE FROM cancel_requests WHERE run_id = ?", (row[-1],))
 
     return write
 
@@ -116,11 +120,11 @@ def heartbeat(run_id: str, now: datetime) -> Write[None]:
 _UPDATE_STEP = (
     "UPDATE step_runs SET status = ?, attempts = ?, cache_key = ?, cache_miss_reason = ?, "
     "start_time = ?, end_time = ?, error_type = ?, error_message = ?, error_traceback = ?, "
-    "hook_errors = ?, cache_components = ? WHERE id = ?"
+    "hook_errors = ?, cache_components = ?, waited = ? WHERE id = ?"
 )
 _INSERT_STEP = (
     f"INSERT INTO step_runs ({STEP_COLUMNS}, position) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
     "(SELECT COALESCE(MAX(position), -1) + 1 FROM step_runs WHERE run_id = ?))"
 )
 
@@ -224,25 +228,31 @@ def mark_crashed(
             dead = is_dead(row["pid"], row["id"])
         else:
             dead = last is None or now - last > stale_after
-        if dead:
-            db.execute(
-                "UPDATE runs SET status = ?, end_time = ? WHERE id = ? AND status = 'running'",
-                (RunStatus.CRASHED.value, to_iso(last), row["id"]),
-            )
-            # Its steps no longer run: the ones that were running stopped with the process,
-            # the ones that never started are skipped.
-            db.execute(
-                "UPDATE step_runs SET status = ?, end_time = COALESCE(end_time, ?) "
-                "WHERE run_id = ? AND status IN ('running', 'retrying')",
-                (StepStatus.STOPPED.value, to_iso(last), row["id"]),
-            )
-            db.execute(
-                "UPDATE step_runs SET status = ?, end_time = COALESCE(end_time, ?) "
-                "WHERE run_id = ? AND status = 'pending'",
-                (StepStatus.SKIPPED.value, to_iso(last), row["id"]),
-            )
+        if dead and crash_run(db, row["id"], last):
             crashed.append(str(row["name"]))
     return crashed
+
+
+def crash_run(db: sqlite3.Connection, run_id: str, last: datetime | None) -> bool:
+    """Mark one RUNNING run CRASHED at `last` (its last sign of life): the steps that were
+    running stopped with its process, the ones that never started are skipped. Returns
+    whether the run was still RUNNING."""
+    if db.execute(
+        "UPDATE runs SET status = ?, end_time = ? WHERE id = ? AND status = 'running'",
+        (RunStatus.CRASHED.value, to_iso(last), run_id),
+    ).rowcount == 0:
+        return False
+    db.execute(
+        "UPDATE step_runs SET status = ?, end_time = COALESCE(end_time, ?) "
+        "WHERE run_id = ? AND status IN ('running', 'retrying')",
+        (StepStatus.STOPPED.value, to_iso(last), run_id),
+    )
+    db.execute(
+        "UPDATE step_runs SET status = ?, end_time = COALESCE(end_time, ?) "
+        "WHERE run_id = ? AND status = 'pending'",
+        (StepStatus.SKIPPED.value, to_iso(last), run_id),
+    )
+    return True
 
 
 # The same list as the partial index step_runs_unfinished (schema version 3), word for word:

@@ -32,14 +32,15 @@ T = TypeVar("T")
 
 STEP_COLUMNS = (
     "id, run_id, name, step_name, status, attempts, cache_key, cache_miss_reason, start_time, "
-    "end_time, error_type, error_message, error_traceback, hook_errors, cache_components, config, "
-    "upstream"
+    "end_time, error_type, error_message, error_traceback, hook_errors, cache_components, waited, "
+    "config, upstream"
 )
 ARTIFACT_COLUMNS = (
     "id, name, uri, materializer, data_type, content_hash, size, producer_step_run_id, "
     "python_version"
 )
-RUN_COLUMNS = "id, name, pipeline_name, status, start_time, end_time, parameters, unlisted"
+RUN_COLUMNS = ("id, name, pipeline_name, status, start_time, end_time, parameters, unlisted, "
+               "resumed_from, source")
 
 
 
@@ -76,6 +77,7 @@ def _step_from_row(row: sqlite3.Row) -> StepRun:
     sr.upstream = tuple(json.loads(row["upstream"] or "[]"))
     if row["cache_components"] is not None:
         sr.cache_components = json.loads(row["cache_components"])
+    sr.waited = row["waited"] or 0.0
     return sr
 
 
@@ -85,6 +87,8 @@ def _run_from_row(row: sqlite3.Row) -> PipelineRun:
                       status=RunStatus(row["status"]),
                       parameters=json.loads(row["parameters"]), unlisted=bool(row["unlisted"]))
     run.end_time = from_iso(row["end_time"])
+    run.resumed_from = row["resumed_from"]
+    run.source = row["source"]
     return run
 
 

@@ -117,6 +117,28 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 4: the digest of each part of a step run's cache key (JSON), so a later miss can say
     # which part changed.
     4: ("ALTER TABLE step_runs ADD COLUMN cache_components TEXT",),
+    # 5: controlling runs (API.md §14-16): the run a run resumed and where its pipeline is
+    # defined; how long a step waited for a pool slot; cancel requests from any process,
+    # picked up by the process running the run; pool slots as leases that lapse unless their
+    # holder renews them (a killed process frees its slots).
+    5: (
+        "ALTER TABLE runs ADD COLUMN resumed_from TEXT",
+        "ALTER TABLE runs ADD COLUMN source TEXT",
+        "ALTER TABLE step_runs ADD COLUMN waited REAL NOT NULL DEFAULT 0",
+        """CREATE TABLE cancel_requests (
+            run_id TEXT PRIMARY KEY REFERENCES runs(id) ON DELETE CASCADE,
+            drain INTEGER NOT NULL,
+            requested_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE pool_leases (
+            pool TEXT NOT NULL,
+            holder TEXT NOT NULL,
+            expires REAL NOT NULL,
+            pid INTEGER,
+            host TEXT,
+            PRIMARY KEY (pool, holder)
+        )""",
+    ),
 }
 LATEST_VERSION = max(_MIGRATIONS)
 
