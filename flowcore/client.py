@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -13,6 +14,11 @@ from flowcore.stack import Stack, get_active_stack
 __all__ = ["AsyncClient", "Client"]
 
 T = TypeVar("T")
+
+# Across processes there is no event to wait on: cancel_run re-reads the run this often, for
+# at most this long (the owner notices a request within about a second, API.md §15).
+_CANCEL_POLL = 0.2
+_CANCEL_WAIT = 15.0
 
 
 def _current_stack() -> Stack:
@@ -81,6 +87,35 @@ class AsyncClient:
         store = await self.active_stack.metadata_store()
         return await store.clear_cache(pipeline_name)
 
+    async def cancel_run(self, name_or_id: str, drain: bool = False) -> RunStatus:
+        """Stop a run, from this or any process sharing the store; return its final status.
+
+        Without `drain` the run's running steps are stopped (like FAIL_FAST); with `drain`
+        they finish and nothing new starts (like STOP_ON_FAILURE); the run ends STOPPED. A run
+        whose process is gone is marked CRASHED at once. A finished run is left as it is.
+        Waits (up to about 15 s for a run in another process) until the run is finished.
+
+        Raises:
+            RunNotFoundError: no such run.
+        """
+        stack = self.active_stack
+        store = await stack.metadata_store()
+        run = await store.get_run(name_or_id)
+        if run.status.is_finished:
+            return run.status
+        live = stack.live_runs.get(run.id)
+        if live is not None:
+            # Run by this process: stop it directly and wait until its record is final.
+            live.request_stop(drain)
+            await asyncio.wrap_future(live.done)
+            return (await store.get_run(run.id)).status
+        status = await store.request_cancel(run.id, drain)
+        deadline = time.monotonic() + _CANCEL_WAIT
+        while status is RunStatus.RUNNING and time.monotonic() < deadline:
+            await asyncio.sleep(_CANCEL_POLL)
+            status = (await store.get_run(run.id)).status
+        return status
+
 
 class Client:
     """The synchronous twin of `AsyncClient`, with the same methods."""
@@ -138,5 +173,10 @@ class Client:
     def clear_cache(self, pipeline_name: str | None = None) -> int:
         """Forget cache entries (of one pipeline, or all); returns how many."""
         return self._call(lambda c: c.clear_cache(pipeline_name))
+
+    def cancel_run(self, name_or_id: str, drain: bool = False) -> RunStatus:
+        """Stop a run from this or any process sharing the store; its final status (see
+        `AsyncClient.cancel_run`)."""
+        return self._call(lambda c: c.cancel_run(name_or_id, drain))
 
 

@@ -5,6 +5,8 @@
     flowcore runs logs RUN STEP [--json]
     flowcore runs delete RUN [--yes]
     flowcore runs report RUN [-o run.html]
+    flowcore runs cancel RUN [--drain]
+    flowcore runs resume RUN [--pipeline MODULE:NAME] [--json]
     flowcore cache clear [--pipeline P] [--json]
     flowcore run module:pipeline [--config run.yaml] [--param k=v ...] [--json]
 
@@ -23,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from flowcore._models import RunStatus
+from flowcore.cli._control import cmd_runs_cancel, cmd_runs_resume
 from flowcore.cli._output import PROG, _err
 from flowcore.cli._run import cmd_run
 from flowcore.cli._run import load_pipeline as load_pipeline
@@ -53,7 +56,7 @@ def _build_parser() -> _Parser:
     parser.add_argument("--version", action="version", version=f"flowcore {__version__}")
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    runs = top.add_parser("runs", help="list, show, delete and report runs")
+    runs = top.add_parser("runs", help="list, show, delete, report, cancel and resume runs")
     runs_sub = runs.add_subparsers(dest="runs_command", metavar="COMMAND")
 
     p = runs_sub.add_parser("list", help="list runs, newest first")
@@ -84,6 +87,22 @@ def _build_parser() -> _Parser:
     p.add_argument("run", metavar="RUN", help="run name or id")
     p.add_argument("-o", "--output", metavar="FILE", help="where to write (default RUN.html)")
     p.set_defaults(func=cmd_runs_report)
+
+    p = runs_sub.add_parser("cancel", help="stop a run, from any process sharing the store")
+    p.add_argument("run", metavar="RUN", help="run name or id")
+    p.add_argument("--drain", action="store_true",
+                   help="let running steps finish (nothing new starts)")
+    p.set_defaults(func=cmd_runs_cancel)
+
+    p = runs_sub.add_parser("resume", help="run a failed, stopped or crashed run again, "
+                            "reusing the steps that finished")
+    p.add_argument("run", metavar="RUN", help="run name or id")
+    p.add_argument("--pipeline", metavar="MODULE:NAME",
+                   help="the pipeline to run (default: where the run recorded it)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print flowcore's log events")
+    p.add_argument("--json", action="store_true", help="print the new run as JSON")
+    p.set_defaults(func=cmd_runs_resume)
 
     cache = top.add_parser("cache", help="manage the step cache")
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="COMMAND")

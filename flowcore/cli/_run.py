@@ -112,8 +112,6 @@ def parse_params(items: Sequence[str] | None, pipeline_obj: Any = None) -> dict[
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flowcore import RunHandle, progress
-
     pipe = load_pipeline(args.target)
     params = parse_params(args.param, pipe)
     options: dict[str, Any] = {}
@@ -131,10 +129,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         from flowcore import enable_console_logging
 
         enable_console_logging()
+    return run_and_report(pipe, params, quiet=args.quiet, as_json=args.json)
+
+
+def run_and_report(pipe: Any, params: dict[str, Any], *, quiet: bool, as_json: bool) -> int:
+    """Run `pipe(**params)` with live progress (unless `quiet`) and print the finished run
+    (as JSON with `as_json`); 0 if it completed, else 1."""
+    from flowcore import RunHandle, progress
+
     run: PipelineRun | None = None
     # With --json, stdout is the JSON alone: what steps print goes to stderr meanwhile.
-    quiet_stdout = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
-    with progress(not args.quiet, stream=sys.stderr), quiet_stdout:
+    quiet_stdout = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    with progress(not quiet, stream=sys.stderr), quiet_stdout:
         try:
             result = pipe(**params)
             if isinstance(result, RunHandle):
@@ -147,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except (ConfigError, PipelineDefinitionError, RunNameConflictError) as exc:
             raise UsageError(str(exc)) from None
     assert run is not None
-    if args.json:
+    if as_json:
         _print_json(_run_json(run, steps=True))
     else:
         sys.stdout.write(f"run {run.name} {run.status.value}\n")
