@@ -165,6 +165,16 @@ _LIBRARY_DIRS = _library_dirs()
 _own: dict[str, bool] = {}
 
 
+def _label(module_name: str) -> str:
+    """A module's name in key components; `__main__` is named by its file, so a script run
+    directly and the same file imported by name give one key."""
+    if module_name == "__main__":
+        file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if file:
+            return str(os.path.splitext(os.path.basename(str(file)))[0])
+    return module_name
+
+
 def is_own_module(name: str) -> bool:
     """Whether module `name` is the user's own code (followed into), not an installed package
     or the standard library (counted by version). flowcore itself is never the user's."""
@@ -266,7 +276,7 @@ class _Walk:
                 continue
             form = self.value(value, what)
             if not _is_code(value):
-                self.components[f"global:{module}:{name}"] = digest_of(form)
+                self.components[f"global:{_label(module)}:{name}"] = digest_of(form)
 
     def module(self, module: types.ModuleType, attributes: Iterable[str], where: str) -> None:
         """A module the code uses: its attributes the code names, if it is the user's own."""
@@ -282,7 +292,7 @@ class _Walk:
                 continue  # a submodule: followed when the code names its attributes through it
             form = self.value(value, f"module-level value `{attr}` of {where}")
             if not _is_code(value):
-                self.components[f"global:{module.__name__}:{attr}"] = digest_of(form)
+                self.components[f"global:{_label(module.__name__)}:{attr}"] = digest_of(form)
 
     def klass(self, cls: type, where: str) -> dict[str, Any]:
         name = f"{cls.__module__}.{cls.__qualname__}"
@@ -290,13 +300,13 @@ class _Walk:
             return {"__class__": name, "p": self.package(cls.__module__)}
         if id(cls) not in self._classes:
             self._classes.add(id(cls))
-            self.components[f"helper:{cls.__module__}:{cls.__qualname__}"] = _class_digest(cls)
+            self.components[f"helper:{_label(cls.__module__)}:{cls.__qualname__}"] = _class_digest(cls)
             prefix = f"{cls.__qualname__}."
             for attr, member in sorted(vars(cls).items()):
                 fn = member.__func__ if isinstance(member, classmethod | staticmethod) else member
                 fn = fn.fget if isinstance(fn, property) else fn
                 if isinstance(fn, types.FunctionType) and fn.__qualname__.startswith(prefix):
-                    self.function(fn, f"helper:{fn.__module__}:{fn.__qualname__}",
+                    self.function(fn, f"helper:{_label(fn.__module__)}:{fn.__qualname__}",
                                   where=f"{where} (method {attr})")
         return {"__class__": name}
 
@@ -368,7 +378,7 @@ class _Walk:
         name = f"{module}.{fn.__qualname__}"
         if not is_own_module(module):
             return {"__function__": name, "p": self.package(module)}
-        self.function(fn, f"helper:{module}:{fn.__qualname__}",
+        self.function(fn, f"helper:{_label(module)}:{fn.__qualname__}",
                       where=f"helper `{fn.__qualname__}` of {where}")
         return {"__function__": name}
 

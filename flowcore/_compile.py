@@ -52,6 +52,8 @@ class ResolvedStepConfig:
     enable_artifact_metadata: bool = True
     # Step explicit > pipeline explicit > None; a whole policy wins, fields are not merged.
     cache_policy: CachePolicy | None = None
+    pool: str | None = None
+    log_limit: int | None = None  # None: flowcore's default (the last 1 MB)
 
 
 @dataclass(slots=True)
@@ -277,6 +279,8 @@ def _static_config(
         ),
         "enable_artifact_metadata": bool(pick("enable_artifact_metadata", True)),
         "cache_policy": as_cache_policy(pick("cache_policy", None)),
+        "pool": (y.pool if y and y.pool else opts.get("pool")),
+        "log_limit": pick("log_limit", None),
     }
 
 

@@ -227,6 +227,7 @@ class StepRun:
         "status",
         "step_name",
         "upstream",
+        "waited",
     )
 
     def __init__(
@@ -256,6 +257,8 @@ class StepRun:
         self.error: ErrorInfo | None = None
         self.hook_errors: list[HookError] = []
         self.outputs: dict[str, ArtifactVersion] = {}
+        # Seconds spent waiting for a pool slot (API.md §16).
+        self.waited = 0.0
         # What the step printed and logged while it ran (None: not captured or not loaded;
         # runs read back from SQLite load it with Client.get_step_logs).
         self.logs: str | None = None
@@ -301,6 +304,8 @@ class PipelineRun:
         "name",
         "parameters",
         "pipeline_name",
+        "resumed_from",
+        "source",
         "start_time",
         "status",
         "steps",
@@ -327,6 +332,10 @@ class PipelineRun:
         self.steps: dict[str, StepRun] = {}
         self.parameters: dict[str, Any] = dict(parameters or {})
         self.unlisted = unlisted
+        # The id of the run this one resumed (API.md §14), and where its pipeline is defined
+        # (`module:qualname`), so `flowcore runs resume` can import it again.
+        self.resumed_from: str | None = None
+        self.source: str | None = None
 
     def __repr__(self) -> str:
         counts: dict[str, int] = {}

@@ -30,7 +30,7 @@ PIPELINE_OPTIONS = frozenset({
     "on_end", "retry",
     "max_concurrency", "settings", "run_name", "config_path", "synchronous", "stack",
     "substitutions", "clock", "enable_artifact_metadata", "name", "extra", "model",
-    "capture_logs",
+    "capture_logs", "timeout", "resume_from", "log_limit",
 })
 
 

@@ -19,7 +19,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 STEP_OPTIONS = frozenset({
     "cache_policy", "enable_cache", "retry", "on_start", "on_success", "on_failure", "on_end", "timeout",
     "output_materializers", "settings", "step_operator", "experiment_tracker",
-    "enable_artifact_metadata", "name", "extra",
+    "enable_artifact_metadata", "name", "extra", "pool", "log_limit",
 })
 
 

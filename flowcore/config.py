@@ -198,6 +198,7 @@ class StepConfigFile(BaseModel):
     step_operator: ComponentName | None = None
     experiment_tracker: ComponentName | None = None
     timeout: Seconds | None = None
+    pool: ComponentName | None = None
 
 
 class RunConfigFile(BaseModel):
@@ -215,6 +216,7 @@ class RunConfigFile(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict)
     steps: dict[str, StepConfigFile] = Field(default_factory=dict)
     substitutions: dict[str, str] = Field(default_factory=dict)
+    timeout: Seconds | None = None  # the run's deadline (API.md §15)
 
 
 class _CommonOptions(BaseModel):
@@ -229,6 +231,8 @@ class _CommonOptions(BaseModel):
     settings: dict[str, Any] | None = None
     extra: dict[str, Any] | None = None
     cache_policy: Any = None
+    # Bytes of a step's printed/logged output kept (the last ones); None keeps everything.
+    log_limit: Annotated[int, Field(strict=True, ge=0)] | None = None
 
     @field_validator("cache_policy")
     @classmethod
@@ -256,6 +260,7 @@ class _PipelineOptions(_CommonOptions):
     synchronous: StrictBool | None = None
     capture_logs: StrictBool | None = None
     substitutions: dict[str, Any] | None = None
+    resume_from: Any = None  # a run name or id, or a PipelineRun (checked when the run starts)
 
 
 def validate_step_options(options: Mapping[str, Any], step_name: str) -> None:

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from flowcore import Stack, pipeline, step
-from flowcore._engine._isolation import is_immutable, isolated, roughly_small
+from flowcore._engine._isolation import isolated
+from flowcore.materializers._estimate import is_immutable, roughly_small
 
 
 @pytest.fixture(params=["memory", "local"])

@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
 }
 
 # The engine's modules in order: each imports only those before it (late imports included).
-ENGINE_ORDER = ["_plan", "_lifecycle", "_isolation", "_outputs", "_invocation", "_fanout",
+ENGINE_ORDER = ["_shield", "_plan", "_lifecycle", "_isolation", "_outputs", "_invocation", "_fanout",
                 "_scheduler", "_run", "_handle", "_launch"]
 
 # The only imports that point up the table: the definition layer starting runs.

@@ -11,8 +11,15 @@ import sys
 import pytest
 
 import flowcore
-from flowcore import RunFailedError, Stack, StepRetryConfig, get_step_context, pipeline, step
-from flowcore import events
+from flowcore import (
+    RunFailedError,
+    Stack,
+    StepRetryConfig,
+    events,
+    get_step_context,
+    pipeline,
+    step,
+)
 from flowcore.testing import FakeClock
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -117,13 +116,14 @@ async def test_opening_a_stack_marks_runs_of_dead_processes_crashed(tmp_path: Pa
     """A run whose process was SIGKILLed reads CRASHED as soon as a stack is opened."""
     script = tmp_path / "crasher.py"
     script.write_text(CRASHER)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "store")],
-                            stdout=subprocess.PIPE, text=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), str(tmp_path / "store"), stdout=asyncio.subprocess.PIPE)
     assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "RUNNING"
+    line = await asyncio.wait_for(proc.stdout.readline(), 60)
+    assert line.decode().strip() == "RUNNING"
     await asyncio.sleep(0.5)  # status writes are committed within moments, not at once
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    await asyncio.wait_for(proc.wait(), 30)
     async with Stack.local(tmp_path / "store") as stack:
         run = await AsyncClient(stack).get_pipeline_run("killed_run")
         assert run.status is RunStatus.CRASHED

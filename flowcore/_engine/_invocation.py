@@ -18,6 +18,7 @@ from flowcore._engine._isolation import isolated
 from flowcore._engine._lifecycle import Lifecycle
 from flowcore._engine._outputs import check_inputs, output_value, split_outputs, store_outputs
 from flowcore._engine._plan import NodePlan, RunPlan
+from flowcore._engine._shield import finish_regardless
 from flowcore._graph import Node
 from flowcore._hooks import BoundHook
 from flowcore._models import ArtifactVersion, StepRun
@@ -124,9 +125,11 @@ class Invoker:
             assert found.reason is not None
             life.cache_missed(sr, found.reason, uncacheable=found.uncacheable)
             return None
-        if not all(self.artifact_store.exists(a) for a in hit.outputs.values()):
-            life.cache_missed(sr, "an artifact of the cached step run is missing")
-            return None
+        for artifact in hit.outputs.values():
+            damage = await self.artifact_store.verify(artifact)
+            if damage is not None:
+                life.cache_missed(sr, f"cached artifact could not be loaded: {damage}")
+                return None
         if not life.step_cached(sr, dict(hit.outputs), hit.pipeline_run_id):
             return None
         # Committed before dependents start: a downstream step may read it through the client.
@@ -146,7 +149,10 @@ class Invoker:
             stack=self.plan.stack, output_names=sig.output_names,
         )
         token = set_step_context(ctx)
-        capture: list[str] | None = [] if self.plan.capture_logs else None
+        capture = None
+        if self.plan.capture_logs:
+            limit = node.config.log_limit
+            capture = _capture.CaptureBuffer(_capture.DEFAULT_LOG_LIMIT if limit is None else limit)
         capture_token = _capture.set_buffer(capture) if capture is not None else None
         previous_body: asyncio.Future[None] | None = None
         attempt = 0
@@ -160,8 +166,21 @@ class Invoker:
                 if attempt > 1 and not self.gate.may_start():
                     life.step_stopped(sr, _joined(capture))
                     return STOPPED
+                pool = node.config.pool
+                if pool is not None:
+                    # A slot is held only while the body runs: not in retry waits, nor while
+                    # upstream steps run, so pools never deadlock (API.md §16).
+                    waited_from = self.clock.monotonic()
+                    await self.plan.stack.pools.acquire(pool, sr.id, self.store)
+                    sr.waited += self.clock.monotonic() - waited_from
+                    if not self.gate.may_start():
+                        await self._release_slot(pool, sr.id)
+                        life.step_stopped(sr, _joined(capture))
+                        return STOPPED
                 ctx.attempt = attempt
                 if not life.step_running(sr, attempt):
+                    if pool is not None:
+                        await self._release_slot(pool, sr.id)
                     return STOPPED
                 if "on_start" in node_plan.hooks:
                     await self._call_hook(sr, node_plan.hooks["on_start"])
@@ -169,19 +188,24 @@ class Invoker:
                 try:
                     if attempt == 1 and sig.checked_inputs:
                         check_inputs(self.where, node, kwargs)
-                    if node_plan.direct:
-                        result = await node.step.func(**kwargs)
-                    else:
-                        done = None
-                        if node.config.timeout is not None and not sig.is_async and (
-                            node_plan.operator is None
-                        ):
-                            done = asyncio.get_running_loop().create_future()
-                        try:
-                            result = await self._call_body(node, node_plan, kwargs, attempt, done)
-                        finally:
-                            if done is not None and not done.done():
-                                previous_body = done
+                    try:
+                        if node_plan.direct:
+                            result = await node.step.func(**kwargs)
+                        else:
+                            done = None
+                            if node.config.timeout is not None and not sig.is_async and (
+                                node_plan.operator is None
+                            ):
+                                done = asyncio.get_running_loop().create_future()
+                            try:
+                                result = await self._call_body(node, node_plan, kwargs, attempt,
+                                                               done)
+                            finally:
+                                if done is not None and not done.done():
+                                    previous_body = done
+                    finally:
+                        if pool is not None:
+                            await self._release_slot(pool, sr.id, previous_body)
                     values = split_outputs(self.where, node, result)
                     artifacts = await store_outputs(
                         self.where, node, sr, node_plan, self.artifact_store, values
@@ -221,6 +245,16 @@ class Invoker:
             if capture_token is not None:
                 _capture.reset_buffer(capture_token)
             reset_step_context(token)
+
+    async def _release_slot(self, pool: str, holder: str,
+                            body: asyncio.Future[None] | None = None) -> None:
+        pools = self.plan.stack.pools
+        if body is not None and not body.done():
+            # A timed-out sync body still runs in its thread: it keeps the slot until it
+            # returns, while the step is already RETRYING or FAILED.
+            pools.release_when_done(pool, holder, body)
+            return
+        await finish_regardless(pools.release(pool, holder, self.store))
 
     async def fail(self, node: Node, sr: StepRun, node_plan: NodePlan, exc: BaseException,
                    logs: str | None = None) -> None:
@@ -288,8 +322,8 @@ class Invoker:
             raise
 
 
-def _joined(capture: list[str] | None) -> str | None:
-    return "".join(capture) if capture else None
+def _joined(capture: _capture.CaptureBuffer | None) -> str | None:
+    return capture.text() if capture is not None else None
 
 
 def _tracked(func: Callable[..., Any], tracker: Any, is_async: bool,

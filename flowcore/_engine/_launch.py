@@ -17,9 +17,9 @@ from flowcore._engine._handle import RunHandle, execute_owned
 from flowcore._engine._outputs import output_value
 from flowcore._engine._plan import RunPlan, prepare_run
 from flowcore._engine._run import execute
-from flowcore._models import PipelineRun, StepStatus
+from flowcore._models import PipelineRun, RunStatus, StepRun, StepStatus
 from flowcore.config import ExecutionMode
-from flowcore.exceptions import ConfigError, FlowcoreError
+from flowcore.exceptions import ConfigError, FlowcoreError, RunStateError
 from flowcore.stack import Stack, get_active_stack
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ def ensure_no_running_loop(what: str, instead: str) -> None:
 
 def plan_pipeline_run(
     pipeline: Pipeline, args: tuple[Any, ...], params: Mapping[str, Any],
+    original: PipelineRun | None = None,
 ) -> tuple[RunPlan, Mapping[str, Any]]:
     """Compile, resolve and check everything before a run is recorded.
 
@@ -75,11 +76,11 @@ def plan_pipeline_run(
     from flowcore._pipeline import _mode
 
     options, run_config = pipeline._resolved_options()
-    graph = pipeline._compile(options, run_config, args, params)
     where = f"pipeline '{pipeline.name}'"
-    chosen = options.get("stack") or get_active_stack()
-    if not isinstance(chosen, Stack):
-        raise ConfigError(f"{where}: stack= must be a Stack, not {chosen!r}")
+    if original is not None and not args and not params:
+        params = original.parameters  # a resumed run reuses the original's parameters
+    graph = pipeline._compile(options, run_config, args, params)
+    chosen = _stack_of(pipeline)
     settings = options.get("settings") or {}
     orch = settings.get("orchestrator") or {}
     if not isinstance(orch, Mapping):
@@ -99,14 +100,67 @@ def plan_pipeline_run(
         run_name=options.get("run_name"),
         substitutions=options.get("substitutions"),
         capture_logs=bool(options.get("capture_logs", True)),
+        timeout=options.get("timeout"),
+        resume=_reusable(original),
     )
+    run = plan.run
+    run.source = f"{pipeline.func.__module__}:{pipeline.func.__qualname__}"
+    if original is not None:
+        run.resumed_from = original.id
     return plan, options
+
+
+def _reusable(original: PipelineRun | None) -> dict[str, StepRun] | None:
+    if original is None:
+        return None
+    return {name: sr for name, sr in original.steps.items()
+            if sr.status in (StepStatus.COMPLETED, StepStatus.CACHED) and "[" not in name}
+
+
+async def _original_run(pipeline: Pipeline, stack: Stack) -> PipelineRun | None:
+    """The run `resume_from=` names, checked: it may not be running in a live process.
+
+    Raises:
+        RunStateError: the run is still running.
+        RunNotFoundError: no such run in the stack's metadata store.
+    """
+    resume_from = pipeline._resolved_options()[0].get("resume_from")
+    if resume_from is None:
+        return None
+    key = resume_from.id if isinstance(resume_from, PipelineRun) else str(resume_from)
+    store = await stack.metadata_store()
+    original = await store.get_run(key)
+    if original.status is RunStatus.RUNNING:
+        live = stack.live_runs.get(original.id) is not None
+        if not live:
+            is_live = getattr(store, "run_is_live", None)
+            live = True if is_live is None else bool(await is_live(original.id))
+        if live:
+            raise RunStateError(
+                f"pipeline '{pipeline.name}': run '{original.name}' is still running in a live "
+                "process and cannot be resumed; cancel it first (Client().cancel_run) or wait "
+                "for it to end"
+            )
+    if original.pipeline_name != pipeline.name:
+        raise ConfigError(
+            f"pipeline '{pipeline.name}': resume_from names run '{original.name}' of pipeline "
+            f"'{original.pipeline_name}'"
+        )
+    return original
+
+
+def _stack_of(pipeline: Pipeline) -> Stack:
+    chosen = pipeline._resolved_options()[0].get("stack") or get_active_stack()
+    if not isinstance(chosen, Stack):
+        raise ConfigError(f"pipeline '{pipeline.name}': stack= must be a Stack, not {chosen!r}")
+    return chosen
 
 
 async def run_pipeline(pipeline: Pipeline, args: tuple[Any, ...],
                        params: Mapping[str, Any]) -> PipelineRun:
     """`await p.run(...)`: run on the caller's loop."""
-    plan, _ = plan_pipeline_run(pipeline, args, params)
+    original = await _original_run(pipeline, _stack_of(pipeline))
+    plan, _ = plan_pipeline_run(pipeline, args, params, original)
     return await execute(plan)
 
 
@@ -120,7 +174,12 @@ def submit_pipeline(pipeline: Pipeline, args: tuple[Any, ...],
             f"pipeline '{pipeline.name}': submit() needs a running event loop; from "
             "synchronous code use pipeline.with_options(synchronous=False)(...)"
         ) from None
-    plan, _ = plan_pipeline_run(pipeline, args, params)
+    original = None
+    if pipeline._resolved_options()[0].get("resume_from") is not None:
+        # The original run is read before the handle exists (its parameters shape the graph):
+        # a short read on a thread of its own, the one wait submit() makes.
+        original = _in_own_loop(lambda: _original_run(pipeline, _stack_of(pipeline)))
+    plan, _ = plan_pipeline_run(pipeline, args, params, original)
     task = loop.create_task(execute_owned(plan), name=f"flowcore:run:{plan.run.name}")
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)
@@ -135,7 +194,10 @@ def call_pipeline(pipeline: Pipeline, args: tuple[Any, ...],
         f"pipeline '{pipeline.name}'",
         f"`await {pipeline.name}.run(...)` (or `.submit(...)` for a background run)",
     )
-    plan, options = plan_pipeline_run(pipeline, args, params)
+    original = None
+    if pipeline._resolved_options()[0].get("resume_from") is not None:
+        original = _in_own_loop(lambda: _original_run(pipeline, _stack_of(pipeline)))
+    plan, options = plan_pipeline_run(pipeline, args, params, original)
     synchronous = options.get("synchronous")
     if synchronous is None:
         orch = (options.get("settings") or {}).get("orchestrator") or {}
@@ -143,6 +205,26 @@ def call_pipeline(pipeline: Pipeline, args: tuple[Any, ...],
     if synchronous:
         return _run_sync_with_stack(plan.stack, lambda: execute(plan))
     return _run_in_thread(plan)
+
+
+def _in_own_loop(make: Callable[[], Awaitable[T]]) -> T:
+    """Run a short coroutine to its end on a fresh loop in a thread of its own (usable from
+    sync code and from a thread whose loop is running)."""
+    result: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def target() -> None:
+        try:
+            result.set_result(asyncio.run(_awaited(make)))
+        except BaseException as exc:
+            result.set_exception(exc)
+
+    thread = threading.Thread(target=target, name="flowcore:lookup", daemon=True)
+    thread.start()
+    return result.result()
+
+
+async def _awaited(make: Callable[[], Awaitable[T]]) -> T:
+    return await make()
 
 
 def _run_sync_with_stack(stack: Stack, make: Callable[[], Awaitable[T]]) -> T:

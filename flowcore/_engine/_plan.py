@@ -101,6 +101,8 @@ class RunPlan:
         pipeline_info: PipelineInfo,
         single_step: bool = False,
         capture_logs: bool = True,
+        timeout: float | None = None,
+        resume: Mapping[str, StepRun] | None = None,
     ) -> None:
         self.graph = graph
         self.capture_logs = capture_logs
@@ -109,6 +111,9 @@ class RunPlan:
         self.plans = plans
         self.mode = mode
         self.max_concurrency = max_concurrency
+        self.timeout = timeout  # the run's deadline, in seconds from its start
+        # Resuming: the original run's reusable step runs by invocation ID (see _scheduler).
+        self.resume: Mapping[str, StepRun] = resume or {}
         self.clock = clock
         self.pipeline_info = pipeline_info
         self.single_step = single_step
@@ -126,11 +131,11 @@ def _bind_plans(graph: Graph, stack: Stack) -> list[NodePlan]:
     plans = []
     # Invocations of one step share their resolved hooks/settings/materializers objects (see
     # _compile.resolve_step_config), so they can share one plan: a 10,000-way fan-out binds once.
-    shared: dict[tuple[int, ...], NodePlan] = {}
+    shared: dict[tuple[object, ...], NodePlan] = {}
     for node in graph.nodes:
         cfg: ResolvedStepConfig = node.config
         share_key = (id(node.step), id(cfg.hooks), id(cfg.settings),
-                     id(cfg.output_materializers), node.map_spec is None)
+                     id(cfg.output_materializers), node.map_spec is None, cfg.pool)
         plan = shared.get(share_key)
         if plan is not None:
             plans.append(plan)
@@ -156,6 +161,12 @@ def _bind_plans(graph: Graph, stack: Stack) -> list[NodePlan]:
                 )
             plan.materializers[out_name] = resolve_materializer(
                 spec, where=f"{where}, output '{out_name}'"
+            )
+        if cfg.pool is not None and cfg.pool not in stack.pools:
+            known = ", ".join(sorted(stack.pools.limits)) or "none"
+            raise ConfigError(
+                f"{where}: pool '{cfg.pool}' is not a pool of the stack (it has: {known}); "
+                "add it with stack.with_pools(...) or `pools:` in the stack YAML"
             )
         if cfg.step_operator is not None:
             try:
@@ -195,6 +206,8 @@ def prepare_run(
     unlisted: bool = False,
     single_step: bool = False,
     capture_logs: bool = True,
+    timeout: float | None = None,
+    resume: Mapping[str, StepRun] | None = None,
 ) -> RunPlan:
     """Check everything that can be checked without running a step, and name the run.
 
@@ -252,6 +265,8 @@ def prepare_run(
         pipeline_info=PipelineInfo(graph.pipeline_name),
         single_step=single_step,
         capture_logs=capture_logs,
+        timeout=timeout,
+        resume=resume,
     )
 
 

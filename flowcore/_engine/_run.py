@@ -9,48 +9,21 @@ or raises: every step row terminal, every queued write committed, then the run's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Any, TypeVar
-
-import anyio
+from typing import Any
 
 from flowcore import _capture
 from flowcore._engine._invocation import run_cancelled
 from flowcore._engine._lifecycle import Lifecycle
 from flowcore._engine._plan import RunPlan
 from flowcore._engine._scheduler import Scheduler
+from flowcore._engine._shield import finish_regardless
 from flowcore._models import PipelineRun, RunStatus, StepStatus
 from flowcore.exceptions import RunFailedError
 from flowcore.stores._base import MetadataStore
 
-__all__ = ["execute", "finish_regardless", "record_unstarted"]
-
-T = TypeVar("T")
+__all__ = ["execute", "finish_regardless", "record_unstarted"]  # finish_regardless re-exported
 
 _HEARTBEAT_EVERY = 10.0
-
-
-async def finish_regardless(work: Coroutine[Any, Any, T]) -> T:
-    """Run `work` to its end even while the caller is being cancelled.
-
-    An anyio cancel scope keeps cancelling its task until the scope exits, and plain asyncio
-    may cancel more than once; both would otherwise abandon the write half-way. A
-    cancellation that arrived meanwhile is raised once the work is done.
-    """
-    task = asyncio.ensure_future(work)
-    interrupted = False
-    with anyio.CancelScope(shield=True):
-        while True:
-            try:
-                result = await asyncio.shield(task)
-                break
-            except asyncio.CancelledError:
-                if task.done():
-                    raise
-                interrupted = True
-    if interrupted:
-        raise asyncio.CancelledError
-    return result
 
 
 def _final_status(run: PipelineRun) -> RunStatus:
@@ -126,6 +99,22 @@ async def record_unstarted(plan: RunPlan) -> None:
         await life.run_finished(RunStatus.STOPPED)
 
 
+def _run_failed(run: PipelineRun, deadline: BaseException | None,
+                first: BaseException | None) -> RunFailedError:
+    what = []
+    if deadline is not None:
+        what.append(str(deadline))
+    failed = failed_invocations(run)
+    if failed:
+        what.append(f"step(s) {', '.join(repr(f) for f in failed)} failed")
+    if first is not None and deadline is None:
+        what.append(f"first error: {first!r}")
+    error = RunFailedError(
+        f"run '{run.name}' of pipeline '{run.pipeline_name}' failed: {'; '.join(what)}", run=run)
+    error.__cause__ = deadline or first
+    return error
+
+
 async def execute(plan: RunPlan, *, raise_on_failure: bool = True) -> PipelineRun:
     """Record and run a planned run on the caller's loop.
 
@@ -142,6 +131,14 @@ async def execute(plan: RunPlan, *, raise_on_failure: bool = True) -> PipelineRu
     life.run_started()
     sched = Scheduler(plan, life, store)
     live = plan.stack.live_runs.add(run.id, sched.request_stop)
+    # Cancel requests from other processes reach the run through its store (API.md §15).
+    watch = getattr(store, "watch_cancels", None)
+    if watch is not None:
+        watch(run.id, sched.request_stop)
+    deadline = None
+    if plan.timeout is not None:
+        # Measured from the run's start: a timer, not a task (cancelled in the finally below).
+        deadline = asyncio.get_running_loop().call_later(plan.timeout, sched.deadline_passed)
     status: RunStatus | None = None
     if plan.capture_logs:
         _capture.install()
@@ -159,24 +156,24 @@ async def execute(plan: RunPlan, *, raise_on_failure: bool = True) -> PipelineRu
         status = RunStatus.FAILED
         raise
     finally:
+        if deadline is not None:
+            deadline.cancel()
         if plan.capture_logs:
             _capture.uninstall()
         plan.first_error = sched.first_error
         plan.values = sched.values
         if status is None:
             status = _final_status(run)
-            if sched.stop_requested and status is RunStatus.COMPLETED:
+            if sched.deadline_error is not None:
+                status = RunStatus.FAILED
+            elif sched.stop_requested and status is RunStatus.COMPLETED:
                 status = RunStatus.STOPPED  # drained: what ran finished, the rest never began
+        if watch is not None:
+            store.unwatch_cancels(run.id)
         try:
             await finish_regardless(life.run_finished(status))
         finally:
             plan.stack.live_runs.finish(live)
     if run.status is RunStatus.FAILED and raise_on_failure:
-        first = sched.first_error
-        raise RunFailedError(
-            f"run '{run.name}' of pipeline '{run.pipeline_name}' failed: step(s) "
-            f"{', '.join(repr(f) for f in failed_invocations(run))} failed"
-            + (f"; first error: {first!r}" if first else ""),
-            run=run,
-        ) from first
+        raise _run_failed(run, sched.deadline_error, sched.first_error)
     return run

@@ -80,6 +80,9 @@ class Scheduler:
         # task being cancelled), and when someone asked the run to stop.
         self.aborted = False
         self.stop_requested = False
+        # Set when the run passed its deadline: it then ends FAILED with this as the cause.
+        self.deadline_error: BaseException | None = None
+        self.reused: set[int] = set()  # node indices whose original outputs a resume reuses
 
     # -- Gate ------------------------------------------------------------------------------
 
@@ -114,6 +117,17 @@ class Scheduler:
         if not drain and not self.aborted:
             self.aborted = True
             _abort(self.tg, self.host)
+
+    def deadline_passed(self) -> None:
+        """The run's deadline: cancelled like FAIL_FAST, the run ends FAILED."""
+        from flowcore.exceptions import RunTimeoutError
+
+        if self.deadline_error is None:
+            run = self.lifecycle.run
+            self.deadline_error = RunTimeoutError(
+                f"run '{run.name}' of pipeline '{run.pipeline_name}' passed its deadline of "
+                f"{self.plan.timeout} s (timeout=) and was stopped")
+            self.request_stop(drain=False)
 
     def stop_new_work(self) -> None:
         """No step body starts from now on; steps not yet handed out are skipped."""
@@ -193,6 +207,10 @@ class Scheduler:
         sr = self.step_runs[i]
         node_plan = self.node_plans[i]
         invoker = self.invoker
+        if self.plan.resume:
+            reused = await self._reuse(i, node, sr)
+            if reused is not None:
+                return reused
         if node.map_spec is not None:
             kwargs = await self._inputs(node)
             hashes = self._input_hashes(node) if node.config.enable_cache else {}
@@ -221,6 +239,26 @@ class Scheduler:
             self.values[i] = outcome.values
             self.artifacts[i] = outcome.artifacts
         return outcome
+
+    async def _reuse(self, i: int, node: Node, sr: StepRun) -> Outcome | None:
+        """Resuming (API.md §14): an invocation that COMPLETED or was CACHED in the original
+        run, with unchanged parameters and every upstream invocation reused too, is CACHED
+        with the original's outputs, whatever its cache setting."""
+        original = self.plan.resume.get(node.id)
+        if original is None or not all(p in self.reused for p in node.parents):
+            return None
+        if original.config.parameters != sr.config.parameters:
+            return None
+        for artifact in original.outputs.values():
+            if await self.invoker.artifact_store.verify(artifact) is not None:
+                return None  # gone or damaged: the step runs again
+        if not self.lifecycle.step_cached(sr, dict(original.outputs), original.pipeline_run_id):
+            return None
+        self.reused.add(i)
+        self.artifacts[i] = sr.outputs
+        self.values[i] = {name: _Lazy(a) for name, a in sr.outputs.items()}
+        await self.invoker.store.flush()  # seen by dependents reading through the client
+        return Outcome(True)
 
     # -- inputs ----------------------------------------------------------------------------
 

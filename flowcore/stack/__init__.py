@@ -21,6 +21,7 @@ from flowcore.stack._operators import (
     StepOperator,
     StepOperatorError,
 )
+from flowcore.stack._pools import Pools
 from flowcore.stack._trackers import ExperimentTracker, MLflowExperimentTracker
 from flowcore.stores._base import ArtifactStore, MetadataStore
 from flowcore.stores._memory import InMemoryArtifactStore, InMemoryMetadataStore
@@ -93,6 +94,7 @@ class Stack:
         self.experiment_trackers: dict[str, ExperimentTracker] = dict(experiment_trackers or {})
         self.local_operator = LocalStepOperator()
         self.live_runs = LiveRuns()
+        self.pools = Pools()
 
     def __repr__(self) -> str:
         where = self.root if self.root else "memory"
@@ -152,6 +154,19 @@ class Stack:
         clone.alerter = alerter if alerter is not None else self.alerter
         clone.step_operators = {**self.step_operators, **(step_operators or {})}
         clone.experiment_trackers = {**self.experiment_trackers, **(experiment_trackers or {})}
+        return clone
+
+    def with_pools(self, **limits: int) -> Stack:
+        """A new stack sharing this one's stores, with pools added: at most `limit` bodies of
+        steps holding a pool (`@step(pool="gpu")`) run at once across every run on the stack,
+        in this process and in every process sharing its metadata store.
+
+        Raises:
+            ConfigError: a limit that is not a whole number >= 1.
+        """
+        clone = Stack.__new__(Stack)
+        clone.__dict__.update(self.__dict__)
+        clone.pools = self.pools.merged(limits)
         return clone
 
     @property

@@ -35,6 +35,7 @@ class _StackFile(BaseModel):
     alerter: _Component | None = None
     step_operators: dict[str, _Component] = Field(default_factory=dict)
     experiment_trackers: dict[str, _Component] = Field(default_factory=dict)
+    pools: dict[str, int] = Field(default_factory=dict)
 
 
 def _resolve(base: Path, raw: str) -> Path:
@@ -111,7 +112,7 @@ def stack_from_yaml(path: Path) -> Stack:
         root_dir = db.parent
         kwargs["metadata_factory"] = lambda a: SqliteMetadataStore(db, a)
     alerter = _build("alerter", "alerter", spec.alerter, where) if spec.alerter else None
-    return Stack(
+    stack = Stack(
         artifact_store=artifact_store,
         alerter=alerter,
         step_operators={n: _build("step_operators", n, c, where)
@@ -122,3 +123,9 @@ def stack_from_yaml(path: Path) -> Stack:
         root=root_dir,
         **kwargs,
     )
+    if spec.pools:
+        try:
+            stack = stack.with_pools(**spec.pools)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: pools: {exc}") from None
+    return stack
