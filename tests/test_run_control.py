@@ -94,6 +94,19 @@ async def test_resume_reuses_what_completed_and_runs_the_rest(stack: Stack) -> N
     assert again.steps["flaky"].status is StepStatus.COMPLETED
 
 
+async def test_a_resumed_run_records_its_origin_and_source(stack: Stack) -> None:
+    """The stored run says which run it resumed and where its pipeline is defined."""
+    FAIL["flaky"] = True
+    with pytest.raises(RunFailedError) as failed:
+        await resumable.with_options(stack=stack).run(n=2)
+    FAIL["flaky"] = False
+    run = await resumable.with_options(stack=stack, resume_from=failed.value.run).run()
+    stored = await AsyncClient(stack).get_pipeline_run(run.name)
+    assert stored.resumed_from == failed.value.run.id
+    assert stored.source == f"{__name__}:resumable"
+    assert stored.steps["load"].status is StepStatus.CACHED
+
+
 async def test_resume_with_changed_parameters_reruns_what_depends_on_them(stack: Stack) -> None:
     """Passing other parameters reruns the steps whose parameters changed and their
     downstream steps."""

@@ -7,7 +7,6 @@ step (shared by all invocations of it), names the run and creates its step-run r
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +15,7 @@ from flowcore._clock import SystemClock, utcnow
 from flowcore._compile import ResolvedStepConfig
 from flowcore._graph import Graph
 from flowcore._hooks import HOOK_KINDS, BoundHook, bind_hook
+from flowcore._ids import new_id
 from flowcore._models import (
     PipelineRun,
     StepRun,
@@ -221,7 +221,7 @@ def prepare_run(
             f"pipeline '{graph.pipeline_name}': max_concurrency must be >= 1, not {max_concurrency}"
         )
     now = utcnow()
-    run_id = uuid.uuid4().hex
+    run_id = new_id()
     name = format_run_name(
         run_name or DEFAULT_RUN_NAME,
         pipeline_name=graph.pipeline_name,

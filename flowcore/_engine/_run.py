@@ -9,10 +9,8 @@ or raises: every step row terminal, every queued write committed, then the run's
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from flowcore import _capture
-from flowcore._engine._invocation import run_cancelled
 from flowcore._engine._lifecycle import Lifecycle
 from flowcore._engine._plan import RunPlan
 from flowcore._engine._scheduler import Scheduler
@@ -22,9 +20,6 @@ from flowcore.exceptions import RunFailedError
 from flowcore.stores._base import MetadataStore
 
 __all__ = ["execute", "finish_regardless", "record_unstarted"]  # finish_regardless re-exported
-
-_HEARTBEAT_EVERY = 10.0
-
 
 def _final_status(run: PipelineRun) -> RunStatus:
     statuses = {sr.status for sr in run.steps.values()}
@@ -42,32 +37,17 @@ def failed_invocations(run: PipelineRun) -> list[str]:
     return [name for name in failed if name not in elements_of]
 
 
-async def _heartbeat(store: Any, run: PipelineRun) -> None:
-    while True:
-        await asyncio.sleep(_HEARTBEAT_EVERY)
-        await store.heartbeat(run)
-
-
 async def _serve(store: MetadataStore, run: PipelineRun, sched: Scheduler) -> None:
+    # The services group: the store's writer, which commits queued status writes as they
+    # happen and (SQLite) also heartbeats the process's live runs and delivers cancel
+    # requests; around it the scheduler's steps group.
     async with asyncio.TaskGroup() as services:
         writer = services.create_task(store.serve_writes(), name=f"flowcore:writer:{run.name}")
-        beat = None
-        if hasattr(store, "heartbeat"):
-            beat = services.create_task(_heartbeat(store, run),
-                                        name=f"flowcore:heartbeat:{run.name}")
         try:
-            steps = services.create_task(sched.drive(), name=f"flowcore:steps:{run.name}")
-            try:
-                await steps
-            except asyncio.CancelledError:
-                if run_cancelled() or not sched.aborted:
-                    raise
-                # FAIL_FAST cancelled the steps task: the run itself goes on to its end.
+            await sched.drive()
             await sched.run_deferred_hooks()
         finally:
             writer.cancel()
-            if beat is not None:
-                beat.cancel()
 
 
 async def _create(store: MetadataStore, life: Lifecycle) -> None:

@@ -10,11 +10,11 @@ import shutil
 import sys
 import tempfile
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flowcore._ids import new_id
 from flowcore._models import ArtifactVersion
 from flowcore._threads import run_in_worker_thread
 from flowcore.exceptions import ArtifactLoadError, StoreError
@@ -111,7 +111,7 @@ class LocalArtifactStore(ArtifactStore):
         stored_type = type(value) if isinstance(data_type, type) and isinstance(
             value, data_type) else data_type
         artifact = ArtifactVersion(
-            id=uuid.uuid4().hex,
+            id=new_id(),
             name=name,
             uri=uri,
             materializer=remember_type(used),

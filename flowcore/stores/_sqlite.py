@@ -112,6 +112,7 @@ class SqliteMetadataStore(MetadataStore):
         self._held: set[tuple[str, str]] = set()  # pool leases this store took: (pool, holder)
         self._next_renewal = 0.0
         self._next_cancel_check = 0.0
+        self._next_beat = 0.0
 
     @property
     def writer_wakeups(self) -> int:
@@ -241,6 +242,11 @@ class SqliteMetadataStore(MetadataStore):
 
     async def _tick(self) -> None:
         now = time.monotonic()
+        if self._cancel_watchers and now >= self._next_beat:
+            # The heartbeat of every run this process has live on the store, by the writer
+            # that already wakes for cancel requests: no heartbeat task per run.
+            self._next_beat = now + _BEAT_EVERY
+            await self._write(ops.heartbeats(list(self._cancel_watchers.ids()), _now()))
         if self._cancel_watchers and now >= self._next_cancel_check:
             # At most one query a tick, however busy the writer is.
             self._next_cancel_check = now + _TICK * 0.8

@@ -130,12 +130,24 @@ def _apply(
 _Settled = list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]
 
 
-def _settle_all(settled: _Settled, lost: Callable[[BaseException], None]) -> None:
-    for future, result, error in settled:
+# Awaited writes settled per turn of the event loop: a batch of hundreds of writes would
+# otherwise resume hundreds of tasks in one loop iteration (see _sqlite_writer.WAKE_CHUNK).
+_SETTLE_CHUNK = 32
+
+
+def _settle_all(settled: _Settled, lost: Callable[[BaseException], None], start: int = 0) -> None:
+    woken = 0
+    index = start
+    while index < len(settled) and woken < _SETTLE_CHUNK:
+        future, result, error = settled[index]
+        index += 1
         if future is not None:
             settle(future, result, error)
+            woken += 1
         elif error is not None:
             lost(error)
+    if index < len(settled):
+        asyncio.get_running_loop().call_soon(_settle_all, settled, lost, index)
 
 
 def _settle_all_threadsafe(settled: _Settled, lost: Callable[[BaseException], None]) -> None:

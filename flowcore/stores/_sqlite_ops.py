@@ -106,6 +106,16 @@ def update_run(run: PipelineRun, now: datetime) -> Write[None]:
     return write
 
 
+def heartbeats(run_ids: list[str], now: datetime) -> Write[None]:
+    """Record that these runs' process is alive (one statement for all of them)."""
+    rows = [(to_iso(now), run_id) for run_id in run_ids]
+
+    def write(db: sqlite3.Connection) -> None:
+        db.executemany("UPDATE runs SET heartbeat = ? WHERE id = ?", rows)
+
+    return write
+
+
 def heartbeat(run_id: str, now: datetime) -> Write[None]:
     """Record that the run's process is alive."""
     row = (to_iso(now), run_id)

@@ -19,7 +19,23 @@ from typing import Any, TypeVar, cast
 from flowcore.stores._sqlite_commit import Connection, Pending, commit_batch, mark_retrieved, settle
 from flowcore.stores._sqlite_errors import StoreErrors
 
-__all__ = ["WriteQueue"]
+__all__ = ["WriteQueue", "wake_in_chunks"]
+
+# Waiters woken per turn of the event loop when a batch ends. Hundreds of runs waiting on one
+# group commit would otherwise all resume in the same loop iteration and, at a few hundred
+# microseconds each, hold the loop for 100 ms (measured with 500 concurrent runs); in chunks,
+# timers and I/O get a turn between them and the total work is the same.
+WAKE_CHUNK = 32
+
+
+def wake_in_chunks(waiters: deque[asyncio.Future[None]]) -> None:
+    """Resolve `waiters` in order, WAKE_CHUNK of them now and the rest in later iterations."""
+    for _ in range(min(WAKE_CHUNK, len(waiters))):
+        waiter = waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(None)
+    if waiters:
+        waiters[0].get_loop().call_soon(wake_in_chunks, waiters)
 
 T = TypeVar("T")
 
@@ -39,7 +55,8 @@ class WriteQueue:
         # Step-run writes queued and not yet taken by a commit, by step run id.
         self._queued_steps: dict[str, Pending] = {}
         self._session: asyncio.Future[None] | None = None  # set while a committer runs
-        self._batch_end: asyncio.Future[None] | None = None  # resolved when a batch is done
+        # Callers waiting for the batch in flight to end (see wake_in_chunks).
+        self._batch_waiters: deque[asyncio.Future[None]] = deque()
         self._enqueued = 0  # tickets handed out
         self._committed = 0  # every write up to this ticket is committed (or settled failed)
         self._lost: list[BaseException] = []  # failed writes nobody awaited
@@ -129,15 +146,14 @@ class WriteQueue:
                 await self._next_batch()
 
     async def _next_batch(self) -> None:
-        if self._batch_end is None:
-            self._batch_end = asyncio.get_running_loop().create_future()
-        await asyncio.wait([self._batch_end])
+        waiter = asyncio.get_running_loop().create_future()
+        self._batch_waiters.append(waiter)
+        await waiter
 
     def _batch_done(self, ticket: int) -> None:
         self._committed = max(self._committed, ticket)
-        done, self._batch_end = self._batch_end, None
-        if done is not None and not done.done():
-            done.set_result(None)
+        waiters, self._batch_waiters = self._batch_waiters, deque()
+        wake_in_chunks(waiters)
 
     async def _commit(self, until: int | None) -> None:
         """Commit batches until ticket `until` is committed (None: until the queue is empty).
