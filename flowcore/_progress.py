@@ -2,7 +2,8 @@
 
 On a terminal with rich installed the view is a table redrawn in place (running, done, cached,
 failed, retrying with a countdown); anywhere else it is one plain line per change, fit for
-log files and CI output. `flowcore.progress()` turns it on.
+log files and CI output. `flowcore.progress()` turns it on. A step that waited for a pool
+slot (API.md §16) says how long, when it starts and when it ends.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from flowcore import events
-from flowcore._runview import count_statuses, format_counts, format_duration, status_icon, status_style
+from flowcore._runview import (
+    count_statuses,
+    format_counts,
+    format_duration,
+    format_waited,
+    status_icon,
+    status_style,
+)
+from flowcore.context import get_step_context
+from flowcore.exceptions import StepContextError
 
 __all__ = ["Progress", "progress"]
 
@@ -32,6 +42,23 @@ def _real_stream(stream: TextIO) -> TextIO:
     return stream
 
 
+def _waited(event: events.StepStarted | events.StepFinished) -> float:
+    """Seconds the event's step has waited for pool slots so far (0.0 when unknown)."""
+    carried = getattr(event, "waited", None)
+    if isinstance(carried, float | int):
+        return float(carried)
+    # The events carry no wait: but the engine emits a step's events from inside that step's
+    # own task, whose step context holds its StepRun with `waited` already added up.
+    try:
+        ctx = get_step_context()
+    except StepContextError:
+        return 0.0
+    sr = ctx.step_run
+    if ctx.pipeline_run.id != event.run_id or sr.name != event.step:
+        return 0.0
+    return sr.waited
+
+
 @dataclass
 class _StepState:
     name: str
@@ -41,6 +68,7 @@ class _StepState:
     ended: datetime | None = None
     retry_at: datetime | None = None
     error: str | None = None
+    waited: float = 0.0
 
 
 @dataclass
@@ -177,7 +205,11 @@ class Progress:
             s.status, s.attempt, s.retry_at = "running", event.attempt, None
             if s.started is None:
                 s.started = event.at
-            again = f" (attempt {event.attempt})" if event.attempt > 1 else ""
+            s.waited = max(s.waited, _waited(event))
+            notes = [f"attempt {event.attempt}"] if event.attempt > 1 else []
+            if format_waited(s.waited):
+                notes.append(f"{format_waited(s.waited)} for a pool slot")
+            again = f" ({', '.join(notes)})" if notes else ""
             self._line(event.at, f"{prefix}{s.name}: running{again}")
         elif isinstance(event, events.StepRetrying):
             s = run.step(event.step)
@@ -189,16 +221,20 @@ class Progress:
             s = run.step(event.step)
             s.status, s.ended, s.error, s.retry_at = event.status, event.at, event.error, None
             s.attempt = event.attempts or s.attempt
+            s.waited = max(s.waited, _waited(event))
+            waited = format_waited(s.waited)
+            wait = f", {waited} for a pool slot" if waited else ""
             if event.status == "completed" and s.started is not None:
                 tail = f" in {format_duration((event.at - s.started).total_seconds())}"
                 if event.attempts > 1:
                     tail += f" after {event.attempts} attempts"
+                tail += wait
             elif event.status == "failed":
                 n = event.attempts
-                tail = f" after {n} attempt{'s' if n != 1 else ''}" + (
+                tail = f" after {n} attempt{'s' if n != 1 else ''}{wait}" + (
                     f": {event.error}" if event.error else "")
             else:
-                tail = ""
+                tail = wait
             self._line(event.at, f"{prefix}{s.name}: {event.status}{tail}")
 
     # -- plain lines -------------------------------------------------------------------
@@ -280,6 +316,8 @@ class Progress:
                 note = f"retry in {left:.1f}s · {s.error or ''}"
             elif s.status == "failed":
                 note = s.error or ""
+            elif format_waited(s.waited):
+                note = f"{format_waited(s.waited)} for a pool slot"
             table.add_row(icon, s.name, rich.text.Text(s.status, style=style),
                           str(s.attempt) if s.attempt else "", took,
                           rich.text.Text(note, style="red" if s.status == "failed" else "dim"))

@@ -15,15 +15,18 @@ __all__ = [
     "LOOKS",
     "STATUS_COLORS",
     "STATUS_ORDER",
+    "WAIT_NOTICED",
     "StatusLook",
     "count_statuses",
     "error_line",
     "format_counts",
     "format_duration",
+    "format_waited",
     "shorten",
     "status_color",
     "status_icon",
     "status_style",
+    "waited_noticeably",
 ]
 
 
@@ -101,6 +104,21 @@ def format_duration(seconds: float | None) -> str:
         return f"{minutes}m {secs:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m"
+
+
+# Taking a free pool slot costs a store round trip (a few ms on SQLite) and is recorded as
+# waiting; below this a step did not wait for another holder, and no display mentions it.
+WAIT_NOTICED = 0.005
+
+
+def waited_noticeably(seconds: float | None) -> bool:
+    """True when a step waited long enough for a pool slot to be worth showing."""
+    return seconds is not None and seconds >= WAIT_NOTICED
+
+
+def format_waited(seconds: float | None) -> str:
+    """`waited 1.20s` for a step that waited for a pool slot ("" for one that did not)."""
+    return f"waited {format_duration(seconds)}" if waited_noticeably(seconds) else ""
 
 
 def shorten(text: str, limit: int) -> str:

@@ -23,6 +23,10 @@ from typing import Any
 
 import pytest
 
+from flowcore import Client, Stack, pipeline, step
+from flowcore._runview import format_duration, waited_noticeably
+from flowcore.cli._output import _step_time
+
 FLOWS = textwrap.dedent('''
     import logging
     import time
@@ -403,6 +407,36 @@ def test_runs_show_json_and_lookup_by_id(populated: Populated) -> None:
     assert steps["total"]["duration"] >= 0.1
     by_id = populated.store.cli("runs", "show", data["id"], "--json").json()
     assert by_id["name"] == populated.failed_name
+
+
+@step(enable_cache=False, pool="gpu")
+def on_gpu(i: int) -> int:
+    time.sleep(0.15)
+    return i
+
+
+@pipeline
+def contended() -> None:
+    for i in range(3):
+        on_gpu(i)
+
+
+def test_runs_show_json_has_the_time_each_step_waited_for_a_pool_slot(tmp_path: Path) -> None:
+    """`runs show --json` gives each step's seconds spent waiting for a pool slot (0 for a
+    step that never waited), and a step's table duration names its wait."""
+    store = make_store(tmp_path)
+    run = contended.with_options(stack=Stack.local(store.home).with_pools(gpu=1))()
+    shown = store.cli("runs", "show", run.name, "--json")
+    assert shown.code == 0, shown
+    steps = {s["name"]: s for s in shown.json()["steps"]}
+    assert {name: round(s["waited"], 6) for name, s in steps.items()} == {
+        name: round(s.waited, 6) for name, s in run.steps.items()}
+    assert sorted(s["waited"] for s in steps.values())[-1] > 0.2
+    stored = Client(Stack.local(store.home)).get_pipeline_run(run.name)
+    for s in stored.steps.values():
+        cell = _step_time(s)
+        assert cell.startswith(format_duration(s.duration))
+        assert cell.endswith(f" (waited {format_duration(s.waited)})") == waited_noticeably(s.waited)
 
 
 def test_runs_logs_prints_what_a_step_printed_and_logged(populated: Populated) -> None:

@@ -1,5 +1,6 @@
 """`flowcore.progress()`: plain lines off a terminal, a live rich table when asked for one,
-on and off as a function or a context manager, never mixed into a step's captured logs."""
+on and off as a function or a context manager, never mixed into a step's captured logs, and
+the time a step waited for a pool slot."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import io
 import re
 import sys
+import time
 
 import pytest
 
@@ -20,6 +22,7 @@ from flowcore import (
     pipeline,
     step,
 )
+from flowcore._runview import format_duration, waited_noticeably
 from flowcore.testing import FakeClock
 
 
@@ -186,3 +189,49 @@ async def test_progress_lines_never_land_in_a_steps_captured_logs(
     assert run.steps["talks"].logs == "talking\n"
     err = capsys.readouterr().err
     assert "talks: running" in err and "talks: completed" in err
+
+
+@step(enable_cache=False, pool="gpu")
+def on_gpu(i: int) -> int:
+    time.sleep(0.15)
+    return i
+
+
+@pipeline
+def contended() -> None:
+    for i in range(3):
+        on_gpu(i)
+
+
+def test_a_step_that_waited_for_a_pool_slot_says_how_long(stack: Stack) -> None:
+    """Three steps contending for a pool of one: each step that waited for the slot says how
+    long on its running and its completed line, and the one that did not wait says nothing."""
+    buf = io.StringIO()
+    with flowcore.progress(stream=buf):
+        run = contended.with_options(stack=stack.with_pools(gpu=1))()
+    lines = body(buf.getvalue())
+    waited = {s.name: s.waited for s in run.steps.values() if waited_noticeably(s.waited)}
+    assert len(waited) >= 2 and max(waited.values()) > 0.2, run.steps
+    for name in run.steps:
+        finished = next(x for x in lines if x.startswith(f"{name}: completed in "))
+        if name in waited:
+            said = f"waited {format_duration(waited[name])} for a pool slot"
+            assert f"{name}: running ({said})" in lines, lines
+            assert finished.endswith(f", {said}"), finished
+        else:
+            assert "waited" not in finished, finished
+
+
+def test_live_table_shows_the_time_a_step_waited_for_a_pool_slot(memory_stack: Stack) -> None:
+    """In the live table a step that waited for a pool slot shows how long in its row."""
+    pytest.importorskip("rich")
+    buf = io.StringIO()
+    with flowcore.progress(stream=buf, live=True):
+        run = contended.with_options(stack=memory_stack.with_pools(gpu=1))()
+    screen = buf.getvalue()
+    final = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen[screen.rindex(run.name):])
+    waited = [s for s in run.steps.values() if waited_noticeably(s.waited)]
+    assert len(waited) >= 2
+    for s in waited:
+        assert re.search(rf"{s.name}\s+completed\s+1\s+\S+\s+waited "
+                         rf"{re.escape(format_duration(s.waited))} for a pool slot", final), final

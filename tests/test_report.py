@@ -1,22 +1,26 @@
 """The HTML run report: one self-contained file with the DAG as SVG (layered by longest path),
-a timeline of the steps, hover cards, and a check in headless Chromium."""
+a timeline of the steps (with the time a step waited for a pool slot), hover cards, and a check
+in headless Chromium."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from flowcore import Client, PipelineRun, RunStatus, Stack, StepRun, StepStatus
+from flowcore import Client, PipelineRun, RunStatus, Stack, StepRun, StepStatus, pipeline, step
 from flowcore._models import ErrorInfo, StepRunConfig
 from flowcore._report import (
     dag_edges,
@@ -24,8 +28,9 @@ from flowcore._report import (
     max_parallelism,
     ordered_steps,
     render_report,
+    write_report,
 )
-from flowcore._runview import STATUS_COLORS, format_duration
+from flowcore._runview import STATUS_COLORS, format_duration, waited_noticeably
 
 FLOWS = textwrap.dedent('''
     import time
@@ -235,20 +240,14 @@ def test_format_duration() -> None:
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
-def test_report_in_headless_chromium(stored: Stored, tmp_path: Path) -> None:
-    """In headless Chromium the page loads without console errors, shows every step, shows a
-    hover card with the error, and a screenshot is taken."""
+def _chromium(tmp_path: Path) -> Any:
+    """A headless Chromium WebDriver that keeps the page's console log (skips without one)."""
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         pytest.skip("headless Chromium is not installed "
                     "(apt-get install -y chromium chromium-driver)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    page = tmp_path / "report.html"
-    assert stored.cli("runs", "report", stored.second, "-o", str(page)).returncode == 0
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -257,7 +256,19 @@ def test_report_in_headless_chromium(stored: Stored, tmp_path: Path) -> None:
                 f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+def test_report_in_headless_chromium(stored: Stored, tmp_path: Path) -> None:
+    """In headless Chromium the page loads without console errors, shows every step, shows a
+    hover card with the error, and a screenshot is taken."""
+    page = tmp_path / "report.html"
+    assert stored.cli("runs", "report", stored.second, "-o", str(page)).returncode == 0
+    driver = _chromium(tmp_path)
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     try:
         driver.get(page.as_uri())
         assert driver.title.startswith(stored.second)
@@ -289,3 +300,110 @@ def test_report_in_headless_chromium(stored: Stored, tmp_path: Path) -> None:
         driver.quit()
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+
+
+@step(enable_cache=False, pool="gpu")
+def on_gpu(i: int) -> int:
+    time.sleep(0.15)
+    return i
+
+
+@pipeline
+def contended() -> None:
+    for i in range(3):
+        on_gpu(i)
+
+
+class _Waiting(HTMLParser):
+    """The timeline's bars (by step), and those that hold a waiting segment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_timeline = False
+        self.bar: str | None = None
+        self.bars: list[str] = []
+        self.waiting: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "svg":
+            self.in_timeline = a.get("id") == "timeline"
+        if self.in_timeline and tag == "g" and a.get("data-step"):
+            self.bar = a["data-step"]
+            self.bars.append(self.bar or "")
+        if self.in_timeline and tag == "g" and a.get("class") == "waiting":
+            assert self.bar is not None
+            self.waiting.append(self.bar)
+
+
+@pytest.fixture(scope="module")
+def pooled(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
+    """A run of three steps contending for a pool of one slot, read back from its SQLite
+    store."""
+    root = tmp_path_factory.mktemp("pooled")
+    made = contended.with_options(stack=Stack.local(root).with_pools(gpu=1))()
+    return Client(Stack.local(root)).get_pipeline_run(made.name)
+
+
+def test_time_waiting_for_a_pool_slot_is_a_segment_of_the_timeline(pooled: PipelineRun,
+                                                                     stored: Stored) -> None:
+    """Each step that waited for a pool slot has a waiting segment at the start of its bar,
+    the wait in its hover data and the steps table, and the timeline has a legend entry;
+    a step that did not wait has no segment, and a run without pools no legend either."""
+    run = pooled
+    waited = {s.name for s in run.steps.values() if waited_noticeably(s.waited)}
+    assert len(waited) >= 2, {s.name: s.waited for s in run.steps.values()}
+    page = render_report(run)
+    parsed = _Waiting()
+    parsed.feed(page)
+    assert sorted(parsed.bars) == sorted(run.steps)
+    assert sorted(parsed.waiting) == sorted(waited)
+    assert 'id="timeline-legend"' in page and "waiting for a pool slot" in page
+    found = re.search(r'id="step-data">(.*?)</script>', page, re.S)
+    assert found is not None
+    data = json.loads(found.group(1))
+    timeline = page[page.index('<svg id="timeline"'):]
+    for name, s in run.steps.items():
+        assert data[name]["waited"] == (format_duration(s.waited) if name in waited else None)
+        if name in waited:
+            # The segment starts the bar, and the running part begins where it ends.
+            bar = timeline[timeline.index(f'data-step="{name}"'):]
+            segment = re.search(r'<g class="waiting"><rect x="([\d.]+)" y="[\d.]+" '
+                                r'width="([\d.]+)".*?</g><rect x="([\d.]+)"', bar)
+            assert segment is not None, bar[:600]
+            x, w, run_x = (float(v) for v in segment.groups())
+            assert w > 1.5 and abs(x + w - run_x) < 0.15
+            note = re.search(r'<text class="note"[^>]*>([^<]*)</text>', bar)
+            assert note is not None and note.group(1).endswith(
+                f" · waited {format_duration(s.waited)}"), bar[:600]
+    assert "<th>waited</th>" in page
+    plain = render_report(stored.run(stored.second))
+    assert 'class="waiting"' not in plain and "timeline-legend" not in plain
+    assert "<th>waited</th>" not in plain
+
+
+def test_waiting_in_headless_chromium(pooled: PipelineRun, tmp_path: Path) -> None:
+    """In headless Chromium the hover card of a step that waited for a pool slot says how
+    long, the waiting segment is drawn, and the page logs no errors."""
+    page = write_report(pooled, tmp_path / "pooled.html")
+    driver = _chromium(tmp_path)
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    name, s = max(pooled.steps.items(), key=lambda kv: kv[1].waited)
+    try:
+        driver.get(page.as_uri())
+        segment = driver.find_element(By.CSS_SELECTOR,
+                                      f'#timeline .bar[data-step="{name}"] .waiting rect')
+        assert segment.is_displayed() and segment.size["width"] > 10
+        assert driver.find_element(By.ID, "timeline-legend").text == "waiting for a pool slot"
+        tip = driver.find_element(By.ID, "tip")
+        ActionChains(driver).move_to_element(segment).perform()
+        WebDriverWait(driver, 10).until(lambda d: tip.is_displayed())
+        assert re.search(rf"waited for a pool slot\s*{re.escape(format_duration(s.waited))}",
+                         tip.text), tip.text
+        errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+        assert errors == [], errors
+    finally:
+        driver.quit()

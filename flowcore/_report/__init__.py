@@ -2,7 +2,8 @@
 
 The layout is computed in Python (`_layout`: layers by longest path from the roots) and drawn as
 inline SVG (`_svg`); the page has only inline CSS and a few lines of inline JavaScript for the
-hover cards (`_assets`), so it opens offline. Colours and formats come from `flowcore._runview`.
+hover cards (`_assets`), so it opens offline. Time a step spent waiting for a pool slot is a
+hatched segment at the start of its timeline bar. Colours and formats come from `flowcore._runview`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flowcore._runview import (
     format_duration,
     shorten,
     status_color,
+    waited_noticeably,
 )
 
 __all__ = [
@@ -62,6 +64,7 @@ def _step_data(run: PipelineRun) -> dict[str, dict[str, Any]]:
             "end": _iso(s.end_time),
             "offset": round((s.start_time - t0).total_seconds(), 6) if s.start_time else None,
             "duration": format_duration(s.duration) if s.duration is not None else None,
+            "waited": format_duration(s.waited) if waited_noticeably(s.waited) else None,
             "cache_key": s.cache_key,
             "error": str(s.error) if s.error else None,
             "upstream": list(getattr(s, "upstream", ()) or ()),
@@ -76,8 +79,21 @@ def _legend(statuses: Iterable[str]) -> str:
     return f'<div class="legend">{"".join(items)}</div>'
 
 
+def _timeline_legend(run: PipelineRun) -> str:
+    # Only a run with pooled steps that waited has anything to explain.
+    if not any(waited_noticeably(s.waited) for s in run.steps.values()):
+        return ""
+    return ('<div class="legend" id="timeline-legend"><span><i class="waiting"></i>'
+            "waiting for a pool slot</span></div>")
+
+
+def _waited_cell(s: StepRun) -> str:
+    return format_duration(s.waited) if waited_noticeably(s.waited) else ""
+
+
 def _steps_table(run: PipelineRun) -> str:
     t0, _ = run_bounds(run)
+    pooled = any(waited_noticeably(s.waited) for s in run.steps.values())
     rows = []
     for s in ordered_steps(run):
         color = status_color(_status(s))
@@ -87,11 +103,13 @@ def _steps_table(run: PipelineRun) -> str:
             f'<tr data-row="{e(s.name)}"><td>{e(s.name)}</td>'
             f'<td><span class="pill" style="background:{color}">{e(_status(s))}</span></td>'
             f'<td class="num">{s.attempts}</td><td class="num">{offset}</td>'
-            f'<td class="num">{e(format_duration(s.duration))}</td><td>{cached}</td>'
+            f'<td class="num">{e(format_duration(s.duration))}</td>'
+            + (f'<td class="num">{e(_waited_cell(s))}</td>' if pooled else "")
+            + f"<td>{cached}</td>"
             f"<td>{e(shorten(error_line(s), 120))}</td></tr>"
         )
     head = ("<tr><th>step</th><th>status</th><th>attempts</th><th>start</th><th>duration</th>"
-            "<th>cached</th><th>error</th></tr>")
+            + ("<th>waited</th>" if pooled else "") + "<th>cached</th><th>error</th></tr>")
     return f'<table id="steps">{head}{"".join(rows)}</table>'
 
 
@@ -150,6 +168,7 @@ def render_report(run: PipelineRun, *, generated_at: datetime | None = None) -> 
 {note}
 <div class="scroll">{dag}</div>
 <h2>Timeline</h2>
+{_timeline_legend(run)}
 <div class="scroll">{gantt_svg(run)}</div>
 <h2>Steps</h2>
 {_steps_table(run)}

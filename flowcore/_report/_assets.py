@@ -17,6 +17,8 @@ h2 { font-size: 16px; margin: 28px 0 10px; }
 .legend { display: flex; flex-wrap: wrap; gap: 6px 16px; font-size: 12px; margin: 6px 0; }
 .legend i { display: inline-block; width: 11px; height: 11px; border-radius: 3px; margin-right: 5px;
             vertical-align: -1px; }
+.legend i.waiting { background: repeating-linear-gradient(45deg, rgba(0,0,0,.3) 0 2px,
+                     rgba(138,143,152,.3) 2px 5px); }
 .scroll { overflow: auto; border: 1px solid var(--line); border-radius: 8px; background: var(--bg);
           padding: 8px; }
 svg text { font-family: inherit; }
@@ -75,6 +77,7 @@ JS = """
     row(dl, "ended", s.end);
     row(dl, "after", s.offset === null ? null : "+" + s.offset.toFixed(3) + "s");
     row(dl, "duration", s.duration);
+    row(dl, "waited for a pool slot", s.waited);
     row(dl, "cache key", s.cache_key ? s.cache_key.slice(0, 16) : null);
     row(dl, "upstream", s.upstream.join(", "));
     row(dl, "error", s.error, "err");

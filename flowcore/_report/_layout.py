@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from flowcore._models import PipelineRun, StepRun, StepStatus
 
@@ -14,6 +14,7 @@ __all__ = [
     "NODE_W",
     "PAD",
     "Box",
+    "body_start",
     "dag_edges",
     "executing",
     "layers",
@@ -172,12 +173,24 @@ def executing(steps: Iterable[StepRun]) -> list[StepRun]:
             and s.status not in (StepStatus.CACHED, StepStatus.SKIPPED) and s.name not in parents]
 
 
+def body_start(s: StepRun) -> datetime:
+    """When a timed step stopped waiting for a pool slot: its start plus what it waited.
+
+    A step's span begins before it asks for a slot, so its wait is drawn at the start of the
+    span. (A retried step waits again before each attempt; its waits are added up here.)
+    """
+    assert s.start_time is not None
+    span = s.duration if s.duration is not None else s.waited
+    return s.start_time + timedelta(seconds=min(max(s.waited, 0.0), span))
+
+
 def max_parallelism(steps: Iterable[StepRun]) -> int:
-    """The most steps that were executing at one moment (cached and skipped ones excluded)."""
+    """The most steps that were executing at one moment (cached and skipped ones excluded;
+    time spent waiting for a pool slot is not executing)."""
     points: list[tuple[datetime, int]] = []
     for s in executing(steps):
         assert s.start_time is not None and s.end_time is not None
-        points.append((s.start_time, 1))
+        points.append((body_start(s), 1))
         points.append((s.end_time, -1))
     points.sort(key=lambda p: (p[0], p[1]))
     best = cur = 0

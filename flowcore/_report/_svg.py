@@ -11,6 +11,7 @@ from flowcore._report._layout import (
     NODE_H,
     NODE_W,
     PAD,
+    body_start,
     dag_edges,
     executing,
     layout,
@@ -18,7 +19,7 @@ from flowcore._report._layout import (
     run_bounds,
     start_key,
 )
-from flowcore._runview import format_duration, shorten, status_color
+from flowcore._runview import format_duration, format_waited, shorten, status_color
 
 __all__ = ["dag_svg", "e", "gantt_svg", "node_caption"]
 
@@ -130,6 +131,9 @@ def gantt_svg(run: PipelineRun) -> str:
         f'height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="timeline">',
         '<defs><pattern id="stripes" width="8" height="8" patternUnits="userSpaceOnUse" '
         'patternTransform="rotate(45)"><rect width="4" height="8" fill="rgba(255,255,255,.35)"/>'
+        "</pattern>"
+        '<pattern id="hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
+        'patternTransform="rotate(45)"><rect width="2" height="6" fill="rgba(0,0,0,.3)"/>'
         "</pattern></defs>",
     ]
     grid_bottom = top + row_h * len(steps)
@@ -143,7 +147,9 @@ def gantt_svg(run: PipelineRun) -> str:
         y = top + r * row_h
         color = status_color(_status(s))
         out.append(f'<g class="bar status-{_status(s)}" data-step="{e(s.name)}" tabindex="0">')
-        out.append(f"<title>{e(s.name)}: {e(node_caption(s))}</title>")
+        waited = format_waited(s.waited)
+        title = node_caption(s) + (f" · {waited} for a pool slot" if waited else "")
+        out.append(f"<title>{e(s.name)}: {e(title)}</title>")
         if r % 2 == 0:
             out.append(f'<rect class="zebra" x="0" y="{y}" width="{width}" height="{row_h}"/>')
         out.append(f'<text class="label" x="{label_w - 10}" y="{y + 16}" text-anchor="end">'
@@ -167,12 +173,24 @@ def gantt_svg(run: PipelineRun) -> str:
             note = "skipped"
             w = 0.0
         else:
-            out.append(f'<rect x="{x:.1f}" y="{y + 4}" width="{w:.1f}" height="{row_h - 8}" '
+            # The wait for a pool slot comes first in the span: a pale, hatched segment.
+            wait_w = 0.0
+            if waited:
+                wait_w = min(max((body_start(s) - start).total_seconds() * scale, 1.5), w)
+                out.append(
+                    f'<g class="waiting"><rect x="{x:.1f}" y="{y + 4}" width="{wait_w:.1f}" '
+                    f'height="{row_h - 8}" fill="{color}" fill-opacity=".3"/><rect x="{x:.1f}" '
+                    f'y="{y + 4}" width="{wait_w:.1f}" height="{row_h - 8}" fill="url(#hatch)"/>'
+                    "</g>")
+            rx, rw = x + wait_w, max(w - wait_w, 1.0)
+            out.append(f'<rect x="{rx:.1f}" y="{y + 4}" width="{rw:.1f}" height="{row_h - 8}" '
                        f'rx="3" fill="{color}"/>')
             if s.attempts > 1:
-                out.append(f'<rect class="retries" x="{x:.1f}" y="{y + 4}" width="{w:.1f}" '
+                out.append(f'<rect class="retries" x="{rx:.1f}" y="{y + 4}" width="{rw:.1f}" '
                            f'height="{row_h - 8}" rx="3" fill="url(#stripes)"/>')
             note = format_duration(s.duration)
+            if waited:
+                note += f" · {waited}"
             if s.attempts > 1:
                 note += f" · {s.attempts} attempts"
             if s.status is not StepStatus.COMPLETED:
@@ -183,7 +201,7 @@ def gantt_svg(run: PipelineRun) -> str:
     events: list[tuple[float, int]] = []
     for s in executing(steps):
         assert s.start_time is not None and s.end_time is not None
-        events.append(((s.start_time - t0).total_seconds(), 1))
+        events.append(((body_start(s) - t0).total_seconds(), 1))
         events.append(((s.end_time - t0).total_seconds(), -1))
     events.sort()
     peak = max_parallelism(steps)

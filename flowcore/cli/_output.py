@@ -11,7 +11,15 @@ from typing import IO, Any
 
 from flowcore._models import PipelineRun, StepRun, StepStatus
 from flowcore._report import ordered_steps
-from flowcore._runview import count_statuses, error_line, format_counts, shorten, status_style
+from flowcore._runview import (
+    count_statuses,
+    error_line,
+    format_counts,
+    format_duration,
+    format_waited,
+    shorten,
+    status_style,
+)
 
 PROG = "flowcore"
 
@@ -116,6 +124,13 @@ def _error_summary(step_run: StepRun, limit: int = 80) -> str:
     return shorten(error_line(step_run), limit)
 
 
+def _step_time(s: StepRun) -> str:
+    """A step's duration for a table, with the part spent waiting for a pool slot:
+    `1.20s (waited 0.80s)`."""
+    waited = format_waited(s.waited)
+    return format_duration(s.duration) + (f" ({waited})" if waited else "")
+
+
 def _step_json(s: StepRun) -> dict[str, Any]:
     return {
         "name": s.name,
@@ -125,6 +140,7 @@ def _step_json(s: StepRun) -> dict[str, Any]:
         "start_time": _iso(s.start_time),
         "end_time": _iso(s.end_time),
         "duration": s.duration,
+        "waited": s.waited,
         "cached": s.status is StepStatus.CACHED,
         "cache_key": s.cache_key,
         "error": None if s.error is None else {"type": s.error.type, "message": s.error.message},
