@@ -55,6 +55,7 @@ class StepStarted(_Timestamped):
     step: str
     attempt: int
     at: datetime
+    waited: float = 0.0  # seconds this step has waited for a pool slot so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,7 @@ class StepFinished(_Timestamped):
     attempts: int
     error: str | None
     at: datetime
+    waited: float = 0.0  # seconds the step waited for pool slots
 
 
 @dataclass(frozen=True, slots=True)

@@ -190,11 +190,11 @@ def _events_so_far(run: PipelineRun, began: bool) -> list[events.Event]:
     for sr in list(run.steps.values()):
         if sr.start_time is not None and sr.attempts:
             timed.append((sr.start_time, 0, events.StepStarted(run.id, sr.name, sr.attempts,
-                                                               sr.start_time)))
+                                                               sr.start_time, sr.waited)))
         if sr.status.is_finished and sr.end_time is not None:
             timed.append((sr.end_time, 1, events.StepFinished(
                 run.id, sr.name, sr.status.value, sr.attempts,
-                str(sr.error) if sr.error else None, sr.end_time)))
+                str(sr.error) if sr.error else None, sr.end_time, sr.waited)))
     timed.sort(key=lambda t: (t[0], t[1]))
     out.extend(e for _, _, e in timed)
     if run.status.is_finished:

@@ -113,7 +113,7 @@ class Lifecycle:
             flog.bind_step(self.run.name, sr.name, attempt)
             flog.log(_INFO, "step_started", run=self.run.name, step=sr.name, attempt=attempt)
         if events.listeners:
-            _emit(events.StepStarted(self.run.id, sr.name, attempt, utcnow()))
+            _emit(events.StepStarted(self.run.id, sr.name, attempt, utcnow(), sr.waited))
         return True
 
     def step_retrying(self, sr: StepRun, attempt: int, exc: BaseException, delay: float) -> bool:
@@ -219,4 +219,4 @@ class Lifecycle:
                 flog.log(_INFO, f"step_{status.value}", run=self.run.name, step=sr.name)
         if events.listeners:
             _emit(events.StepFinished(self.run.id, sr.name, status.value, sr.attempts,
-                                      str(sr.error) if sr.error else None, now))
+                                      str(sr.error) if sr.error else None, now, sr.waited))

@@ -20,6 +20,7 @@ from flowcore.cli._output import (
     _print_json,
     _run_duration,
     _run_json,
+    _step_time,
 )
 from flowcore.exceptions import RunNotFoundError, UsageError
 
@@ -67,7 +68,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         ("duration", format_duration(_run_duration(run))), ("steps", _counts_text(run)),
     ], styles={"status": status_style(run.status.value)})
     out.line()
-    rows = [[s.name, s.status.value, str(s.attempts), format_duration(s.duration),
+    rows = [[s.name, s.status.value, str(s.attempts), _step_time(s),
              "yes" if s.status is StepStatus.CACHED else "no", _error_summary(s)]
             for s in ordered_steps(run)]
     out.table(["step", "status", "attempts", "duration", "cached", "error"], rows,
