@@ -346,7 +346,9 @@ async def test_flush_waits_for_its_own_writes_not_for_a_busy_queue(tmp_path: Pat
             sr.attempts += 1
             store.record_step_run(run, sr)  # the queue never empties while this runs
             i += 1
-            await asyncio.sleep(0)
+            # A writer that never sleeps would starve the store's thread of the GIL (each
+            # statement waits a switch interval): keep the loop busy, not saturated.
+            await asyncio.sleep(0.0005)
 
     tasks = [asyncio.create_task(busy()) for _ in range(3)]
     try:

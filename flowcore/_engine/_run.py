@@ -112,9 +112,7 @@ async def execute(plan: RunPlan, *, raise_on_failure: bool = True) -> PipelineRu
     sched = Scheduler(plan, life, store)
     live = plan.stack.live_runs.add(run.id, sched.request_stop)
     # Cancel requests from other processes reach the run through its store (API.md §15).
-    watch = getattr(store, "watch_cancels", None)
-    if watch is not None:
-        watch(run.id, sched.request_stop)
+    store.watch_cancels(run.id, sched.request_stop)
     deadline = None
     if plan.timeout is not None:
         # Measured from the run's start: a timer, not a task (cancelled in the finally below).
@@ -148,8 +146,7 @@ async def execute(plan: RunPlan, *, raise_on_failure: bool = True) -> PipelineRu
                 status = RunStatus.FAILED
             elif sched.stop_requested and status is RunStatus.COMPLETED:
                 status = RunStatus.STOPPED  # drained: what ran finished, the rest never began
-        if watch is not None:
-            store.unwatch_cancels(run.id)
+        store.unwatch_cancels(run.id)
         try:
             await finish_regardless(life.run_finished(status))
         finally:

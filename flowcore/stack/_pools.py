@@ -14,9 +14,9 @@ import asyncio
 import threading
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
 
 from flowcore.exceptions import ConfigError
+from flowcore.stores._base import MetadataStore
 
 __all__ = ["Pools"]
 
@@ -102,17 +102,15 @@ class Pools:
         """A new set of pools: these limits added to (or replacing) the current ones."""
         return Pools({**self.limits, **limits})
 
-    async def acquire(self, name: str, holder: str, store: Any) -> None:
+    async def acquire(self, name: str, holder: str, store: MetadataStore) -> None:
         """Wait for a slot of pool `name` (FIFO in this process, then a lease in the store)."""
         await self._give_back_late(store)
         slots = self._slots[name]
         await slots.acquire()
         try:
-            take = getattr(store, "acquire_slot", None)
-            if take is not None:
-                # Across processes there is no event to wait on (SQLite): ask again.
-                while not await take(name, self.limits[name], holder):  # noqa: ASYNC110
-                    await asyncio.sleep(_LEASE_RETRY)
+            # Across processes there is no event to wait on (SQLite): ask again.
+            while not await store.acquire_slot(name, self.limits[name], holder):  # noqa: ASYNC110
+                await asyncio.sleep(_LEASE_RETRY)
         except BaseException:
             slots.release()
             raise
@@ -126,19 +124,15 @@ class Pools:
 
         body.add_done_callback(done)
 
-    async def _give_back_late(self, store: Any) -> None:
-        give = getattr(store, "release_slot", None)
+    async def _give_back_late(self, store: MetadataStore) -> None:
         while self._late:
             name, holder = self._late.pop()
-            if give is not None:
-                await give(name, holder)
+            await store.release_slot(name, holder)
 
-    async def release(self, name: str, holder: str, store: Any) -> None:
+    async def release(self, name: str, holder: str, store: MetadataStore) -> None:
         """Give the slot back (the store's lease first, then the process's slot)."""
         try:
             await self._give_back_late(store)
-            give = getattr(store, "release_slot", None)
-            if give is not None:
-                await give(name, holder)
+            await store.release_slot(name, holder)
         finally:
             self._slots[name].release()
