@@ -13,7 +13,7 @@ from flowcore._graph import OutputRef
 from flowcore._step import OutputHandle, Step
 from flowcore.exceptions import PipelineDefinitionError
 
-__all__ = ["to_refs"]
+__all__ = ["ArgumentPlace", "Where", "to_refs"]
 
 
 def to_refs(value: Any, where: Any) -> Any:
@@ -86,3 +86,33 @@ def _holds_handle(value: Any, depth: int, seen: set[int]) -> bool:
                 if isinstance(slot, str) and slot not in ("__dict__", "__weakref__"):
                     children.append(getattr(value, slot, None))
     return any(_holds_handle(child, depth + 1, seen) for child in children)
+
+
+class ArgumentPlace:
+    """Formats "<where>, argument 'k'" only when an error message needs it."""
+
+    __slots__ = ("key", "where")
+
+    def __init__(self, where: Any, key: str) -> None:
+        self.where = where
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"{self.where}, argument '{self.key}'"
+
+    __format__ = lambda self, spec: str(self)  # noqa: E731
+
+
+class Where:
+    """Formats "pipeline 'p', step 's'" only when an error message needs it."""
+
+    __slots__ = ("pipeline", "step")
+
+    def __init__(self, pipeline: str, step: str) -> None:
+        self.pipeline = pipeline
+        self.step = step
+
+    def __str__(self) -> str:
+        return f"pipeline '{self.pipeline}', step '{self.step}'"
+
+    __format__ = lambda self, spec: str(self)  # noqa: E731

@@ -28,6 +28,9 @@ __all__ = ["DEFAULT_LOG_LIMIT", "CaptureBuffer", "install", "set_buffer", "unins
 DEFAULT_LOG_LIMIT = 1024 * 1024  # bytes of a step's output kept: the last 1 MB
 
 
+_APPEND_LOCK = threading.Lock()
+
+
 class CaptureBuffer:
     """The last `limit_bytes` of what one step printed and logged.
 
@@ -51,7 +54,9 @@ class CaptureBuffer:
         self._chunks: collections.deque[str] = collections.deque()
         self._held = 0  # characters in _chunks
         self._dropped = 0  # characters dropped from the front so far
-        self._lock = threading.Lock()
+        # One lock for every buffer: appends are short and rare next to a step's other work,
+        # and a lock per step would cost more to create than it ever saves.
+        self._lock = _APPEND_LOCK
 
     def append(self, text: str) -> None:
         """Record `text` (what a step wrote), dropping the oldest output beyond the limit."""

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowcore._arguments import to_refs
+from flowcore._arguments import ArgumentPlace, Where, to_refs
 from flowcore._graph import Graph, MapSpec, Node, OutputRef, contains_ref, iter_refs
 from flowcore._step import OutputHandle, Step, unmapped
 from flowcore.config import (
@@ -150,7 +150,7 @@ class Recorder:
         mapping: str | None = None,
     ) -> Any:
         inv_id = self._new_id(step, invocation_id)
-        where = f"pipeline '{self.pipeline_name}', step '{inv_id}'"
+        where = Where(self.pipeline_name, inv_id)
         sig = step.signature
         positional = sig.positional
         if len(args) > len(positional):
@@ -178,7 +178,8 @@ class Recorder:
                     or isinstance(value, OutputHandle | list | tuple)
                 ):
                     mapped.append(key)
-            arguments[key] = to_refs(value, f"{where}, argument '{key}'")
+            # The place is formatted only if an error needs it (most calls pass plain handles).
+            arguments[key] = to_refs(value, ArgumentPlace(where, key))
         if mapping is not None and not mapped:
             raise StepInputError(f"{where}: .map()/.product() needs at least one sequence argument")
         inv = _Invocation(inv_id, step, arguments, list(_after_ids(after)), mapping, tuple(mapped))
@@ -284,21 +285,6 @@ def _static_config(
     }
 
 
-class _Where:
-    """Formats "pipeline 'p', step 's'" only when an error message needs it."""
-
-    __slots__ = ("pipeline", "step")
-
-    def __init__(self, pipeline: str, step: str) -> None:
-        self.pipeline = pipeline
-        self.step = step
-
-    def __str__(self) -> str:
-        return f"pipeline '{self.pipeline}', step '{self.step}'"
-
-    __format__ = lambda self, spec: str(self)  # noqa: E731
-
-
 def compile_graph(
     pipeline_name: str,
     recorder: Recorder,
@@ -328,7 +314,7 @@ def compile_graph(
     memo: dict[int, dict[str, Any]] = {}
     for i, inv in enumerate(invs.values()):
         sig = inv.step.signature
-        where = _Where(pipeline_name, inv.id)
+        where = Where(pipeline_name, inv.id)
         if enforce and sig.missing_annotations:
             raise PipelineDefinitionError(
                 f"{where}: FLOWCORE_ENFORCE_TYPE_ANNOTATIONS is on, but these have no type "

@@ -108,6 +108,9 @@ class Invoker:
         self.gate = gate
         self.clock = plan.clock
         self.tracker_locks: dict[int, asyncio.Lock] = {}
+        # A store whose writes are never queued (memory) has nothing to flush: skip the call.
+        self.flush: Callable[[], Awaitable[None]] | None = (
+            None if type(store).flush is MetadataStore.flush else store.flush)
         self.where = f"pipeline '{plan.graph.pipeline_name}'"
 
     # -- cache -----------------------------------------------------------------------------
@@ -228,7 +231,8 @@ class Invoker:
                 if not life.step_completed(sr, artifacts, _joined(capture),
                                            self.clock.monotonic() - started):
                     return STOPPED
-                await self.store.flush()
+                if self.flush is not None:
+                    await self.flush()
                 hooks = node_plan.hooks
                 if hooks and ("on_success" in hooks or "on_end" in hooks):
                     # The hooks' own copy: a hook changing it changes no consumer's input.
