@@ -41,8 +41,9 @@ class _Lazy:
 def _abort(tg: asyncio.TaskGroup | None, host: asyncio.Task[Any] | None) -> None:
     """Cancel every task of the steps group now, as the group itself does when a child
     raises (asyncio's `TaskGroup._abort`): at once, so no sibling body runs another step of
-    the loop. Without that method, cancel the group's host task, which aborts it one loop
-    iteration later."""
+    the loop. Every supported Python (3.11-3.13) has that method; without it, the group's host
+    task (the run's own) is cancelled, which aborts the group one iteration later and records
+    the run STOPPED rather than FAILED."""
     abort = getattr(tg, "_abort", None)
     if abort is not None:
         abort()
@@ -76,8 +77,8 @@ class Scheduler:
         self.invoker = Invoker(plan, lifecycle, store, self)
         self.tg: asyncio.TaskGroup | None = None
         self.host: asyncio.Task[Any] | None = None
-        # Set when FAIL_FAST or a stop request cancelled the steps (as opposed to the run's
-        # task being cancelled), and when someone asked the run to stop.
+        # Set once the steps group was aborted (FAIL_FAST or a stop request), and when someone
+        # asked the run to stop.
         self.aborted = False
         self.stop_requested = False
         # Set when the run passed its deadline: it then ends FAILED with this as the cause.

@@ -9,21 +9,8 @@ from typing import Any
 
 from flowcore._models import PipelineRun, RunStatus
 from flowcore.cli._run import load_pipeline, run_and_report
-from flowcore.exceptions import RunNotFoundError, UsageError
-
-
-def _client() -> Any:
-    from flowcore.client import Client
-
-    return Client()
-
-
-def _get_run(name_or_id: str) -> PipelineRun:
-    try:
-        run: PipelineRun = _client().get_pipeline_run(name_or_id)
-    except RunNotFoundError:
-        raise UsageError(f"no run named '{name_or_id}' (see 'flowcore runs list')") from None
-    return run
+from flowcore.cli._runs import _client, _get_run
+from flowcore.exceptions import UsageError
 
 
 def cmd_runs_cancel(args: argparse.Namespace) -> int:
