@@ -187,7 +187,8 @@ class Invoker:
                     return STOPPED
                 if "on_start" in node_plan.hooks:
                     await self._call_hook(sr, node_plan.hooks["on_start"])
-                started = self.clock.monotonic()
+                # Timed only for the log line that reports it.
+                started = self.clock.monotonic() if life.log_on else 0.0
                 try:
                     if attempt == 1 and sig.checked_inputs:
                         check_inputs(self.where, node, kwargs)
@@ -229,7 +230,8 @@ class Invoker:
                     await self.fail(node, sr, node_plan, exc, _joined(capture))
                     return Outcome(False, error=exc)
                 if not life.step_completed(sr, artifacts, _joined(capture),
-                                           self.clock.monotonic() - started):
+                                           self.clock.monotonic() - started if life.log_on
+                                           else None):
                     return STOPPED
                 if self.flush is not None:
                     await self.flush()

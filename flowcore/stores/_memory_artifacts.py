@@ -12,7 +12,7 @@ from flowcore._models import ArtifactVersion
 from flowcore._threads import run_in_worker_thread
 from flowcore.exceptions import MaterializerError
 from flowcore.materializers._copying import snapshot as _snapshot
-from flowcore.materializers._estimate import is_immutable, roughly_small
+from flowcore.materializers._estimate import SCALARS, is_immutable, roughly_small
 from flowcore.materializers._json import dumps_pieces
 from flowcore.stores._base import ArtifactStore
 
@@ -112,10 +112,14 @@ class InMemoryArtifactStore(ArtifactStore):
             await run_in_worker_thread(_check_picklable, value, step_label)
         materializer_name = _name(materializer)
         digest: str | None = None
-        immutable = is_immutable(value)
-        if roughly_small(value):
+        kind = type(value)
+        if kind in SCALARS and kind is not str and kind is not bytes:
+            kept, immutable = value, True  # small and unchangeable by nature: the hot path
+        elif roughly_small(value):
+            immutable = is_immutable(value)
             kept = value if immutable else _snapshot(value)
         else:
+            immutable = is_immutable(value)
             kept, digest = await run_in_worker_thread(_snapshot_and_hash, value,
                                                       materializer_name)
         art_id = f"{producer_step_run_id}.{name}"
