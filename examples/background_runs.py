@@ -19,8 +19,7 @@ import asyncio
 import logging
 
 import flowcore
-from flowcore import FlowcoreError, Stack, pipeline, step
-from flowcore._logging import enable_console_logging
+from flowcore import FlowcoreError, Stack, enable_console_logging, pipeline, step
 
 
 @step(enable_cache=False)

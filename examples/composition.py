@@ -15,8 +15,7 @@ import logging
 from typing import Annotated
 
 import flowcore
-from flowcore import OutputHandle, Stack, pipeline, step
-from flowcore._logging import enable_console_logging
+from flowcore import OutputHandle, Stack, enable_console_logging, pipeline, step
 
 
 @step

@@ -17,8 +17,7 @@ import asyncio
 import logging
 
 import flowcore
-from flowcore import PipelineDefinitionError, Stack, pipeline, step
-from flowcore._logging import enable_console_logging
+from flowcore import PipelineDefinitionError, Stack, enable_console_logging, pipeline, step
 
 order: list[str] = []  # which bodies ran, in order (all steps run in this process)
 

@@ -17,8 +17,7 @@ import asyncio
 import logging
 
 import flowcore
-from flowcore import ExecutionMode, RunFailedError, Stack, pipeline, step
-from flowcore._logging import enable_console_logging
+from flowcore import ExecutionMode, RunFailedError, Stack, enable_console_logging, pipeline, step
 
 
 @step(enable_cache=False)

@@ -20,8 +20,7 @@ import logging
 import time
 
 import flowcore
-from flowcore import Stack, pipeline, step, unmapped
-from flowcore._logging import enable_console_logging
+from flowcore import Stack, enable_console_logging, pipeline, step, unmapped
 
 
 @step

@@ -21,11 +21,11 @@ from flowcore import (
     RunFailedError,
     Stack,
     StepStatus,
+    enable_console_logging,
     get_step_context,
     pipeline,
     step,
 )
-from flowcore._logging import enable_console_logging
 
 # -- hooks -------------------------------------------------------------------------------
 

@@ -17,8 +17,7 @@ from __future__ import annotations
 import logging
 
 import flowcore
-from flowcore import Client, ConfigError, RunNameConflictError, Stack, pipeline, step
-from flowcore._logging import enable_console_logging
+from flowcore import Client, ConfigError, RunNameConflictError, Stack, enable_console_logging, pipeline, step
 
 
 @step

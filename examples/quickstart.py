@@ -20,8 +20,7 @@ from __future__ import annotations
 import random
 from typing import Annotated
 
-from flowcore import Client, pipeline, step
-from flowcore._logging import enable_console_logging
+from flowcore import Client, enable_console_logging, pipeline, step
 
 Dataset = dict[str, list[float]]
 

@@ -15,8 +15,15 @@ from __future__ import annotations
 import logging
 
 import flowcore
-from flowcore import RunFailedError, Stack, StepRetryConfig, get_step_context, pipeline, step
-from flowcore._logging import enable_console_logging
+from flowcore import (
+    RunFailedError,
+    Stack,
+    StepRetryConfig,
+    enable_console_logging,
+    get_step_context,
+    pipeline,
+    step,
+)
 from flowcore.testing import FakeClock
 
 

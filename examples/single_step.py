@@ -18,8 +18,7 @@ import logging
 import os
 
 import flowcore
-from flowcore import Client, Stack, StepInputError, get_step_context, step
-from flowcore._logging import enable_console_logging
+from flowcore import Client, Stack, StepInputError, enable_console_logging, get_step_context, step
 
 
 def announce(step_name: str) -> None:

@@ -21,13 +21,9 @@ import collections
 import dis
 import functools
 import hashlib
-import importlib.metadata
 import inspect
 import json
-import os
 import pickle
-import sys
-import sysconfig
 import textwrap
 import types
 import weakref
@@ -36,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowcore._canonical import canonical
+from flowcore._code_modules import is_own_module, module_label, package_identity
 from flowcore.exceptions import CacheKeyError
 
 __all__ = ["code_components", "digest_of", "is_own_module", "value_form"]
@@ -152,75 +149,6 @@ def _class_digest(cls: type) -> str:
     return found
 
 
-# -- whose module is it -----------------------------------------------------------------------
-
-
-def _library_dirs() -> tuple[str, ...]:
-    paths = sysconfig.get_paths()
-    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
-    return tuple(os.path.realpath(d) + os.sep for d in dirs)
-
-
-_LIBRARY_DIRS = _library_dirs()
-_own: dict[str, bool] = {}
-
-
-def _label(module_name: str) -> str:
-    """A module's name in key components; `__main__` is named by its file, so a script run
-    directly and the same file imported by name give one key."""
-    if module_name == "__main__":
-        file = getattr(sys.modules.get("__main__"), "__file__", None)
-        if file:
-            return str(os.path.splitext(os.path.basename(str(file)))[0])
-    return module_name
-
-
-def is_own_module(name: str) -> bool:
-    """Whether module `name` is the user's own code (followed into), not an installed package
-    or the standard library (counted by version). flowcore itself is never the user's."""
-    found = _own.get(name)
-    if found is None:
-        found = _own[name] = _is_own(name)
-    return found
-
-
-def _is_own(name: str) -> bool:
-    top = name.partition(".")[0]
-    if name == "__main__":
-        return True
-    if top in sys.stdlib_module_names or top in sys.builtin_module_names or top == "flowcore":
-        return False
-    module = sys.modules.get(name)
-    file = getattr(module, "__file__", None)
-    if not file:
-        return True  # defined by exec or a namespace package: follow it, never assume
-    path = os.path.realpath(file)
-    parts = path.split(os.sep)
-    if "site-packages" in parts or "dist-packages" in parts:
-        return False
-    return not path.startswith(_LIBRARY_DIRS)
-
-
-@functools.cache
-def _distributions() -> dict[str, list[str]]:
-    return dict(importlib.metadata.packages_distributions())
-
-
-@functools.cache
-def package_identity(module_name: str) -> tuple[str, str]:
-    """(distribution or module name, version) of the package that module belongs to."""
-    top = module_name.partition(".")[0]
-    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
-        return "python", sys.version.split()[0]
-    for dist in _distributions().get(top, []):
-        try:
-            return dist, importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    module = sys.modules.get(top)
-    return top, str(getattr(module, "__version__", "unknown"))
-
-
 # -- values, on every lookup ------------------------------------------------------------------
 
 
@@ -276,7 +204,7 @@ class _Walk:
                 continue
             form = self.value(value, what)
             if not _is_code(value):
-                self.components[f"global:{_label(module)}:{name}"] = digest_of(form)
+                self.components[f"global:{module_label(module)}:{name}"] = digest_of(form)
 
     def module(self, module: types.ModuleType, attributes: Iterable[str], where: str) -> None:
         """A module the code uses: its attributes the code names, if it is the user's own."""
@@ -292,7 +220,7 @@ class _Walk:
                 continue  # a submodule: followed when the code names its attributes through it
             form = self.value(value, f"module-level value `{attr}` of {where}")
             if not _is_code(value):
-                self.components[f"global:{_label(module.__name__)}:{attr}"] = digest_of(form)
+                self.components[f"global:{module_label(module.__name__)}:{attr}"] = digest_of(form)
 
     def klass(self, cls: type, where: str) -> dict[str, Any]:
         name = f"{cls.__module__}.{cls.__qualname__}"
@@ -300,13 +228,13 @@ class _Walk:
             return {"__class__": name, "p": self.package(cls.__module__)}
         if id(cls) not in self._classes:
             self._classes.add(id(cls))
-            self.components[f"helper:{_label(cls.__module__)}:{cls.__qualname__}"] = _class_digest(cls)
+            self.components[f"helper:{module_label(cls.__module__)}:{cls.__qualname__}"] = _class_digest(cls)
             prefix = f"{cls.__qualname__}."
             for attr, member in sorted(vars(cls).items()):
                 fn = member.__func__ if isinstance(member, classmethod | staticmethod) else member
                 fn = fn.fget if isinstance(fn, property) else fn
                 if isinstance(fn, types.FunctionType) and fn.__qualname__.startswith(prefix):
-                    self.function(fn, f"helper:{_label(fn.__module__)}:{fn.__qualname__}",
+                    self.function(fn, f"helper:{module_label(fn.__module__)}:{fn.__qualname__}",
                                   where=f"{where} (method {attr})")
         return {"__class__": name}
 
@@ -378,7 +306,7 @@ class _Walk:
         name = f"{module}.{fn.__qualname__}"
         if not is_own_module(module):
             return {"__function__": name, "p": self.package(module)}
-        self.function(fn, f"helper:{_label(module)}:{fn.__qualname__}",
+        self.function(fn, f"helper:{module_label(module)}:{fn.__qualname__}",
                       where=f"helper `{fn.__qualname__}` of {where}")
         return {"__function__": name}
 

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parent.parent / "flowcore"
 LAYERS: dict[str, int] = {
     "exceptions": 0, "events": 0, "typing": 0, "_clock": 0, "_threads": 0, "_ids": 0,
     "config": 1, "_canonical": 1, "_signature": 1, "_graph": 1, "_retry": 1, "_naming": 1, "_models": 1,
-    "_code_identity": 1,
+    "_code_identity": 1, "_code_modules": 1,
     "_step": 2, "_pipeline": 2, "_compile": 2, "_arguments": 2,
     "stores": 3, "materializers": 3, "_logging": 3, "_capture": 3, "_batching": 3,
     "stack._operators": 3,
