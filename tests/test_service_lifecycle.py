@@ -93,6 +93,15 @@ def test_with_stack_from_sync_code_stops_threaded_runs(tmp_path: Path) -> None:
     assert handle.result(timeout=10).status is RunStatus.STOPPED
 
 
+async def test_sync_with_stack_on_a_running_loop_says_to_use_async_with() -> None:
+    """`with stack:` inside a coroutine is a clear error pointing at `async with stack:`."""
+    from flowcore import FlowcoreError
+
+    with pytest.raises(FlowcoreError, match="async with stack"):
+        with Stack.in_memory():
+            pass
+
+
 CRASHER = textwrap.dedent(
     """
     import asyncio, sys

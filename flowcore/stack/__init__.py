@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowcore.exceptions import ConfigError
+from flowcore.exceptions import ConfigError, SyncCallOnLoopError
 from flowcore.stack._alerters import Alerter, WebhookAlerter
 from flowcore.stack._live import LiveRuns
 from flowcore.stack._operators import (
@@ -235,9 +235,20 @@ class Stack:
 
     def __enter__(self) -> Stack:
         """From synchronous code: `with stack:` opens it (crash marking included) and closes
-        it at the end, stopping the runs this process still has on it."""
-        asyncio.run(self.open())
-        return self
+        it at the end, stopping the runs this process still has on it.
+
+        Raises:
+            SyncCallOnLoopError: on a thread whose event loop is running (use `async with`).
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            asyncio.run(self.open())
+            return self
+        raise SyncCallOnLoopError(
+            f"`with {self!r}:` was used on a thread whose event loop is running; use "
+            "`async with stack:` there instead"
+        )
 
     def __exit__(self, *exc_info: object) -> None:
         asyncio.run(self.aclose())
