@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _pool_pipelines import contended
 
-from flowcore import Client, Stack, pipeline, step
+from flowcore import Client, Stack
 from flowcore._runview import format_duration, waited_noticeably
 from flowcore.cli._output import _step_time
 
@@ -407,18 +408,6 @@ def test_runs_show_json_and_lookup_by_id(populated: Populated) -> None:
     assert steps["total"]["duration"] >= 0.1
     by_id = populated.store.cli("runs", "show", data["id"], "--json").json()
     assert by_id["name"] == populated.failed_name
-
-
-@step(enable_cache=False, pool="gpu")
-def on_gpu(i: int) -> int:
-    time.sleep(0.15)
-    return i
-
-
-@pipeline
-def contended() -> None:
-    for i in range(3):
-        on_gpu(i)
 
 
 def test_runs_show_json_has_the_time_each_step_waited_for_a_pool_slot(tmp_path: Path) -> None:

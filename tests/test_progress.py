@@ -8,9 +8,9 @@ import asyncio
 import io
 import re
 import sys
-import time
 
 import pytest
+from _pool_pipelines import contended
 
 import flowcore
 from flowcore import (
@@ -189,18 +189,6 @@ async def test_progress_lines_never_land_in_a_steps_captured_logs(
     assert run.steps["talks"].logs == "talking\n"
     err = capsys.readouterr().err
     assert "talks: running" in err and "talks: completed" in err
-
-
-@step(enable_cache=False, pool="gpu")
-def on_gpu(i: int) -> int:
-    time.sleep(0.15)
-    return i
-
-
-@pipeline
-def contended() -> None:
-    for i in range(3):
-        on_gpu(i)
 
 
 def test_a_step_that_waited_for_a_pool_slot_says_how_long(stack: Stack) -> None:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
@@ -19,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _pool_pipelines import contended
 
-from flowcore import Client, PipelineRun, RunStatus, Stack, StepRun, StepStatus, pipeline, step
+from flowcore import Client, PipelineRun, RunStatus, Stack, StepRun, StepStatus
 from flowcore._models import ErrorInfo, StepRunConfig
 from flowcore._report import (
     dag_edges,
@@ -300,18 +300,6 @@ def test_report_in_headless_chromium(stored: Stored, tmp_path: Path) -> None:
         driver.quit()
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
-
-
-@step(enable_cache=False, pool="gpu")
-def on_gpu(i: int) -> int:
-    time.sleep(0.15)
-    return i
-
-
-@pipeline
-def contended() -> None:
-    for i in range(3):
-        on_gpu(i)
 
 
 class _Waiting(HTMLParser):
