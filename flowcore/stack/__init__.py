@@ -76,16 +76,20 @@ class Stack:
         experiment_trackers: Mapping[str, ExperimentTracker] | None = None,
         name: str = "default",
         root: Path | None = None,
+        location: str | None = None,
     ) -> None:
         if metadata_store is None and metadata_factory is None:
             raise ConfigError("a stack needs a metadata store")
         self.name = name
         self.root = root
+        # Where the metadata lives, for messages: a directory, or a URL without its password.
+        self.location = location or (str(root) if root else None)
         self.artifact_store = artifact_store
         # A store bound to no event loop (memory) is shared; a connection-owning store is made
         # per event loop, because its connection belongs to the loop that opened it.
         self._shared_store = metadata_store
         self._factory = metadata_factory
+        self._artifacts_checked = False
         self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopStore] = (
             weakref.WeakKeyDictionary()
         )
@@ -97,8 +101,7 @@ class Stack:
         self.pools = Pools()
 
     def __repr__(self) -> str:
-        where = self.root if self.root else "memory"
-        return f"<Stack {self.name} {where}>"
+        return f"<Stack {self.name} {self.location or 'memory'}>"
 
     @classmethod
     def in_memory(cls) -> Stack:
@@ -141,6 +144,56 @@ class Stack:
 
         return stack_from_yaml(Path(path))
 
+    @classmethod
+    def from_urls(
+        cls,
+        metadata: str,
+        artifacts: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        name: str = "urls",
+    ) -> Stack:
+        """A stack whose stores are named by URL (API.md section 18).
+
+        `metadata`: `sqlite:///relative.db`, `sqlite:////absolute.db`, a plain path (a `.db`
+        file, or a directory holding `flowcore.db`), `postgresql://user@host/db` (extra
+        `postgres`) or `memory`. `artifacts`: a plain path, `s3://bucket/prefix` or any other
+        fsspec URL (extra `s3` for S3; `storage_options` go to fsspec, else credentials and the
+        endpoint come from the standard environment), or `memory`; left out, a local metadata
+        store keeps its artifacts in `artifacts/` beside its database and a memory one in
+        memory. Nothing is contacted here: the stores are reached when the stack opens (or
+        its first run starts), before any step runs.
+
+        Raises:
+            ConfigError: an unknown scheme, a missing extra, or no artifact store given for a
+                Postgres metadata store.
+        """
+        from flowcore.stack._urls import artifacts_from_url, metadata_from_url
+
+        base = Path.cwd()
+        choice = metadata_from_url(metadata, base=base)
+        if artifacts is not None:
+            artifact_store = artifacts_from_url(artifacts, base=base, storage_options=storage_options)
+        elif choice.db_path is not None:
+            from flowcore.stores._local import LocalArtifactStore
+
+            artifact_store = LocalArtifactStore(choice.db_path.parent / "artifacts")
+        elif choice.shared is not None:
+            artifact_store = InMemoryArtifactStore()
+        else:
+            raise ConfigError(
+                f"Stack.from_urls(metadata='{choice.url}') needs artifacts=...: a shared metadata "
+                "store needs an artifact store every process can reach, such as s3://bucket/prefix"
+            )
+        return cls(
+            artifact_store=artifact_store,
+            metadata_store=choice.shared,
+            metadata_factory=choice.factory,
+            name=name,
+            root=choice.db_path.parent if choice.db_path is not None else None,
+            location=choice.url,
+        )
+
     def with_components(
         self,
         *,
@@ -176,6 +229,9 @@ class Stack:
     async def metadata_store(self) -> MetadataStore:
         """The metadata store for the running event loop, opened on first use."""
         if self._shared_store is not None:
+            if not self._artifacts_checked:
+                await self.artifact_store.open()
+                self._artifacts_checked = True
             return self._shared_store
         loop = asyncio.get_running_loop()
         entry = self._per_loop.get(loop)
@@ -186,6 +242,9 @@ class Stack:
         async with entry.lock:
             if entry.store is None:
                 assert self._factory is not None
+                # The artifact store is checked first: a bucket that is missing or an endpoint
+                # that cannot be reached is named before any step runs.
+                await self.artifact_store.open()
                 store = self._factory(self.artifact_store)
                 await store.open()
                 # Each `asyncio.run(p.run())` is a new loop, hence a new connection and its

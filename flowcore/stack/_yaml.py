@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flowcore.config import config_errors
 from flowcore.exceptions import ConfigError
@@ -17,9 +19,22 @@ if TYPE_CHECKING:
 __all__ = ["stack_from_yaml"]
 
 
-class _PathBlock(BaseModel):
+class _MetadataBlock(BaseModel):
+    """`{path: ...}` or `{url: ...}` (exactly one)."""
+
     model_config = ConfigDict(extra="forbid")
-    path: str
+    path: str | None = None
+    url: str | None = None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> _MetadataBlock:
+        if (self.path is None) == (self.url is None):
+            raise ValueError("give exactly one of 'path' and 'url'")
+        return self
+
+
+class _ArtifactBlock(_MetadataBlock):
+    storage_options: dict[str, Any] | None = None
 
 
 class _Component(BaseModel):
@@ -30,17 +45,29 @@ class _Component(BaseModel):
 class _StackFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | None = None
-    metadata_store: _PathBlock | Literal["memory"] | None = None
-    artifact_store: _PathBlock | Literal["memory"] | None = None
+    metadata_store: _MetadataBlock | Literal["memory"] | None = None
+    artifact_store: _ArtifactBlock | Literal["memory"] | None = None
     alerter: _Component | None = None
     step_operators: dict[str, _Component] = Field(default_factory=dict)
     experiment_trackers: dict[str, _Component] = Field(default_factory=dict)
     pools: dict[str, int] = Field(default_factory=dict)
 
 
-def _resolve(base: Path, raw: str) -> Path:
-    p = Path(raw).expanduser()
-    return p if p.is_absolute() else (base / p)
+def _place(block: _MetadataBlock, base: Path) -> str:
+    """The block's URL, or its path made absolute (a path is a path even when it reads like
+    a URL word such as "memory")."""
+    if block.url is not None:
+        return block.url
+    return str(base / Path(str(block.path)).expanduser())
+
+
+@contextmanager
+def _naming(where: str, key: str) -> Iterator[None]:
+    """A store that cannot be built is a ConfigError naming the file and the key."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {key}: {exc}") from None
 
 
 def _build(kind: str, name: str, spec: _Component, where: str) -> Any:
@@ -75,9 +102,7 @@ def stack_from_yaml(path: Path) -> Stack:
             message names the file and the key.
     """
     from flowcore.stack import Stack
-    from flowcore.stores._local import LocalArtifactStore
-    from flowcore.stores._memory import InMemoryArtifactStore, InMemoryMetadataStore
-    from flowcore.stores._sqlite import SqliteMetadataStore
+    from flowcore.stack._urls import artifacts_from_url, metadata_from_url
 
     where = f"stack file '{path}'"
     try:
@@ -91,26 +116,31 @@ def stack_from_yaml(path: Path) -> Stack:
     with config_errors(where):
         spec = _StackFile.model_validate(data)
     base = path.parent.absolute()
+    metadata = spec.metadata_store
+    if metadata is None or metadata == "memory":
+        metadata_url = "memory"
+    else:
+        metadata_url = _place(metadata, base)
+    with _naming(where, "metadata_store"):
+        choice = metadata_from_url(metadata_url, base=base)
+    artifacts = spec.artifact_store
     artifact_store: Any
-    if spec.artifact_store is None or spec.artifact_store == "memory":
-        if spec.artifact_store is None and isinstance(spec.metadata_store, _PathBlock):
-            db_root = _resolve(base, spec.metadata_store.path)
-            root = db_root.parent if db_root.suffix == ".db" else db_root
-            artifact_store = LocalArtifactStore(root / "artifacts")
+    with _naming(where, "artifact_store"):
+        if artifacts == "memory":
+            artifact_store = artifacts_from_url("memory", base=base)
+        elif artifacts is not None:
+            artifact_store = artifacts_from_url(
+                _place(artifacts, base),
+                base=base, storage_options=artifacts.storage_options,
+            )
+        elif choice.db_path is not None:
+            artifact_store = artifacts_from_url(str(choice.db_path.parent / "artifacts"), base=base)
+        elif choice.shared is not None:
+            artifact_store = artifacts_from_url("memory", base=base)
         else:
-            artifact_store = InMemoryArtifactStore()
-    else:
-        artifact_store = LocalArtifactStore(_resolve(base, spec.artifact_store.path))
-    kwargs: dict[str, Any] = {}
-    root_dir: Path | None = None
-    if spec.metadata_store is None or spec.metadata_store == "memory":
-        kwargs["metadata_store"] = InMemoryMetadataStore()
-    else:
-        db = _resolve(base, spec.metadata_store.path)
-        if db.suffix != ".db":
-            db = db / "flowcore.db"
-        root_dir = db.parent
-        kwargs["metadata_factory"] = lambda a: SqliteMetadataStore(db, a)
+            raise ConfigError("a shared metadata store needs an artifact_store with a url")
+    kwargs: dict[str, Any] = {"metadata_store": choice.shared, "metadata_factory": choice.factory}
+    root_dir = choice.db_path.parent if choice.db_path is not None else None
     alerter = _build("alerter", "alerter", spec.alerter, where) if spec.alerter else None
     stack = Stack(
         artifact_store=artifact_store,
@@ -121,6 +151,7 @@ def stack_from_yaml(path: Path) -> Stack:
                              for n, c in spec.experiment_trackers.items()},
         name=spec.name or path.stem,
         root=root_dir,
+        location=choice.url,
         **kwargs,
     )
     if spec.pools:

@@ -172,6 +172,11 @@ class MetadataStore(abc.ABC):
 class ArtifactStore(abc.ABC):
     """Where artifact content lives."""
 
+    async def open(self) -> None:
+        """Check the store can be reached (and create what it needs); raise StoreError or
+        ConfigError naming it. The stack calls this before its first run starts a step."""
+        return None
+
     @abc.abstractmethod
     async def save(
         self,
