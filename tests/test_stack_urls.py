@@ -142,3 +142,22 @@ def test_repr_names_where_the_metadata_lives(tmp_path: Path) -> None:
     """A stack's repr shows its database's directory, or 'memory'."""
     assert str(tmp_path) in repr(Stack.from_urls(metadata=f"sqlite:///{tmp_path}/x.db"))
     assert "memory" in repr(Stack.from_urls(metadata="memory"))
+
+
+async def test_heartbeat_timeout_parameter_reaches_the_store(tmp_path: Path) -> None:
+    """`?heartbeat_timeout=5` on a metadata URL sets how long a silent run counts as alive,
+    and is not left in the path of the database."""
+    stack = Stack.from_urls(metadata=f"sqlite:///{tmp_path}/x.db?heartbeat_timeout=5")
+    store = await stack.metadata_store()
+    try:
+        assert getattr(store, "_stale_after").total_seconds() == 5
+        assert (tmp_path / "x.db").is_file()
+    finally:
+        await stack.close()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", ""])
+def test_bad_heartbeat_timeout_is_config_error(value: str) -> None:
+    """A heartbeat_timeout that is not a positive number of seconds is a ConfigError."""
+    with pytest.raises(ConfigError, match="heartbeat_timeout"):
+        Stack.from_urls(metadata=f"sqlite:///x.db?heartbeat_timeout={value}")

@@ -67,15 +67,45 @@ def _db_file(path: Path) -> Path:
     return path if path.suffix == ".db" else path / "flowcore.db"
 
 
+def _store_options(url: str) -> tuple[str, dict[str, float]]:
+    """The URL without flowcore's own query parameters, and those parameters.
+
+    `heartbeat_timeout=<seconds>`: how long a RUNNING run may go without a heartbeat before
+    another process judges its owner dead (the only sign across hosts). Other parameters stay
+    in the URL for the driver.
+    """
+    head, sep, query = url.partition("?")
+    if not sep:
+        return url, {}
+    kept, options = [], {}
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key != "heartbeat_timeout":
+            kept.append(part)
+            continue
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not seconds > 0:
+            raise ConfigError(
+                f"metadata store URL '{_redacted(head)}': heartbeat_timeout={value!r} must be a "
+                "number of seconds > 0"
+            )
+        options[key] = seconds
+    return head + ("?" + "&".join(kept) if kept else ""), options
+
+
 def metadata_from_url(url: str, *, base: Path) -> MetadataChoice:
     """The metadata store `url` names; relative paths are relative to `base`.
 
     Raises:
-        ConfigError: an empty URL or a scheme flowcore has no metadata store for.
+        ConfigError: an empty URL, a scheme flowcore has no metadata store for, or a bad
+            `heartbeat_timeout` parameter.
     """
     from flowcore.stores._memory import InMemoryMetadataStore
 
-    text = str(url).strip()
+    text, options = _store_options(str(url).strip())
     if not text:
         raise ConfigError("the metadata store URL is empty")
     if text.lower() in _MEMORY:
@@ -84,8 +114,9 @@ def metadata_from_url(url: str, *, base: Path) -> MetadataChoice:
     if text.lower().startswith(_POSTGRES_SCHEMES):
         from flowcore.stores._postgres import PostgresMetadataStore
 
-        return MetadataChoice(factory=lambda artifacts: PostgresMetadataStore(text, artifacts),
-                              url=_redacted(text))
+        return MetadataChoice(
+            factory=lambda artifacts: PostgresMetadataStore(text, artifacts, **options),
+            url=_redacted(text))
     if scheme == "sqlite":
         db = _db_file(_sqlite_path(text, base))
     elif scheme in ("", "file"):
@@ -97,7 +128,8 @@ def metadata_from_url(url: str, *, base: Path) -> MetadataChoice:
         )
     from flowcore.stores._sqlite import SqliteMetadataStore
 
-    return MetadataChoice(factory=lambda artifacts: SqliteMetadataStore(db, artifacts), db_path=db)
+    return MetadataChoice(factory=lambda artifacts: SqliteMetadataStore(db, artifacts, **options),
+                          db_path=db)
 
 
 def artifacts_from_url(url: str, *, base: Path,
