@@ -371,3 +371,77 @@ def test_store_pickles_and_works_in_another_process(s3_bucket: S3, tmp_path: Pat
     artifact = cloudpickle.loads(out.stdout)
     assert store.bind(artifact).load() == {"made": "in a worker"}
     assert store.verify_sync(artifact) is None
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import os, sys
+    from flowcore.materializers import Materializer
+    from flowcore.stores._fsspec import FsspecArtifactStore
+
+    class Blob:
+        pass
+
+    class BlobMaterializer(Materializer):
+        ASSOCIATED_TYPES = (Blob,)
+
+        def save(self, data, uri):
+            with open(os.path.join(uri, "small.txt"), "w") as f:
+                f.write("uploaded first")
+            with open(os.path.join(uri, "large.bin"), "wb") as f:
+                f.write(os.urandom(60 * 1024 * 1024))  # unique content: a fresh address
+
+    store = FsspecArtifactStore(sys.argv[1], {"endpoint_url": sys.argv[2], "key": "x",
+                                              "secret": "x"})
+    store.save_sync(Blob(), materializer=BlobMaterializer, data_type=Blob, name="output",
+                    producer_step_run_id="sr-1", step_label="killed")
+""")
+
+
+def test_writer_killed_mid_upload_leaves_no_artifact(s3_bucket: S3) -> None:
+    """A writer SIGKILLed after its first file is up and while its large one uploads leaves
+    no manifest, so readers see no artifact at that address."""
+    fs = s3_filesystem(s3_bucket.endpoint)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, s3_bucket.url(),
+                             s3_bucket.endpoint], env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        # Nothing but the bucket tells another process how far an upload is: watch it.
+        deadline = time.monotonic() + 60
+        small: list[str] = []
+        while not small and time.monotonic() < deadline and proc.poll() is None:
+            small = [k for k in fs.find(s3_bucket.bucket) if k.endswith("/small.txt")]
+            time.sleep(0.02)
+        assert small, "the writer never uploaded its first file"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not [k for k in fs.find(s3_bucket.bucket) if k.endswith(MANIFEST)]
+    digest = small[0].split("/")[-2]
+    store = FsspecArtifactStore(s3_bucket.url(), s3_bucket.options)
+    ghost = store.bind(ArtifactVersion(
+        id="ghost", name="output", uri=f"{s3_bucket.url()}/{digest}",
+        materializer="flowcore.materializers._builtin.BytesMaterializer",
+        data_type="builtins.bytes", content_hash=digest))
+    assert not store.exists(ghost)
+    assert "missing" in str(store.verify_sync(ghost))
+
+
+async def test_any_fsspec_url_works_without_code_of_its_own(tmp_path: Path) -> None:
+    """A memory:// store (fsspec's own, no S3 code involved) saves, loads, verifies and
+    reports an overwritten file as damaged; it is not shared by hosts, an s3:// one is."""
+    import fsspec
+
+    url = f"memory://flowcore-{os.getpid()}-{id(tmp_path)}/artifacts"
+    store = FsspecArtifactStore(url)
+    await store.open()
+    value = Table({"x": [1.0, 2.0, 3.0]})
+    artifact = await save(store, value)
+    assert await artifact.aload() == value
+    assert await store.verify(artifact) is None
+    memory = fsspec.filesystem("memory")
+    key = f"{memory._strip_protocol(artifact.uri)}/schema.json"
+    memory.pipe_file(key, memory.cat_file(key).replace(b"x", b"y"))
+    assert "damaged" in str(await store.verify(artifact))
+    with pytest.raises(ArtifactLoadError, match="damaged"):
+        await artifact.aload()
+    assert not store.shared_by_hosts
+    assert FsspecArtifactStore("s3://bucket/prefix").shared_by_hosts

@@ -301,6 +301,7 @@ class FsspecArtifactStore(ArtifactStore):
         """Download the artifact into `parent/<hash>` and check it; return that directory."""
         what = _what(artifact)
         fs, key = self._locate(artifact)
+        protocol = self._filesystem()[2]
         try:
             stored = None if key is None else read_manifest(fs, key)
         except Exception as exc:
@@ -316,7 +317,7 @@ class FsspecArtifactStore(ArtifactStore):
         local = os.path.join(parent, recorded)
         os.mkdir(local)
         try:
-            download(fs, self._filesystem()[2], stored, key, local)
+            download(fs, protocol, stored, key, local)
         except FileNotFoundError as exc:
             raise damaged from exc
         except Exception as exc:
