@@ -445,3 +445,39 @@ async def test_any_fsspec_url_works_without_code_of_its_own(tmp_path: Path) -> N
         await artifact.aload()
     assert not store.shared_by_hosts
     assert FsspecArtifactStore("s3://bucket/prefix").shared_by_hosts
+
+
+class Touch:
+    """Unpickling this creates a file: proof that a refused pickle was never unpickled."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (Path(self.marker),))
+
+
+async def test_pickle_forged_by_a_bucket_writer_is_never_unpickled(s3_bucket: S3,
+                                                                   tmp_path: Path) -> None:
+    """Someone who can write the bucket but not the metadata replaces a pickle and rewrites
+    its manifest to match: verify and load refuse it (its hash is not the recorded one), and
+    it is never unpickled. This is why the store needs no signing key."""
+    import pickle
+
+    from flowcore.stores._fsspec_remote import listing, make_manifest, write_manifest
+
+    store = FsspecArtifactStore(s3_bucket.url(), s3_bucket.options)
+    artifact = await save(store, Opaque(3))
+    assert artifact.materializer.endswith("CloudpickleMaterializer")
+    fs = s3_filesystem(s3_bucket.endpoint)
+    key = f"{s3_bucket.bucket}/flowcore/{artifact.content_hash}"
+    marker = tmp_path / "unpickled"
+    fs.pipe_file(f"{key}/artifact.pkl", pickle.dumps(Touch(str(marker))))
+    found = listing(fs, key)
+    files = [(rel, "", size) for rel, (size, _tag) in found.items()]
+    write_manifest(fs, key, make_manifest(artifact.content_hash, sum(n for _, _, n in files),
+                                          files, [], found))
+    assert "damaged" in str(await store.verify(artifact))
+    with pytest.raises(ArtifactLoadError, match="damaged"):
+        await FsspecArtifactStore(s3_bucket.url(), s3_bucket.options).bind(artifact).aload()
+    assert not marker.exists()
