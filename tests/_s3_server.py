@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import pytest
 
-__all__ = ["S3", "s3_bucket", "s3_endpoint", "s3_filesystem"]
+__all__ = ["S3", "free_port", "s3_bucket", "s3_endpoint", "s3_filesystem"]
 
 DUMMY_KEY = "flowcore-test"
 _START_TIMEOUT = 60.0
@@ -43,7 +43,8 @@ class S3:
         return f"s3://{self.bucket}/{prefix}"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -73,7 +74,7 @@ def s3_filesystem(endpoint: str) -> Any:
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL of a moto S3 server started for this test session on 127.0.0.1."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "server.log"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": DUMMY_KEY, "AWS_SECRET_ACCESS_KEY": DUMMY_KEY}
     proc = subprocess.Popen(

@@ -17,7 +17,7 @@ import _s3_server
 import cloudpickle
 import numpy as np
 import pytest
-from _s3_server import S3, s3_filesystem
+from _s3_server import S3, free_port, s3_filesystem
 
 from flowcore import AsyncClient, Materializer, Stack, pipeline, step
 from flowcore._models import ArtifactVersion, StepStatus
@@ -251,8 +251,7 @@ async def test_open_names_a_missing_bucket_and_no_step_runs(s3_endpoint: str, tm
 async def test_unreachable_endpoint_fails_within_seconds(s3_bucket: S3) -> None:
     """An endpoint nothing listens on is a StoreError naming the URL and the endpoint,
     raised in seconds (botocore alone would retry for minutes)."""
-    port = s3_bucket.endpoint.rsplit(":", 1)[1]
-    closed = f"http://127.0.0.1:{int(port) + 1 if int(port) < 65535 else 1024}"
+    closed = f"http://127.0.0.1:{free_port()}"
     store = FsspecArtifactStore(s3_bucket.url(), {**s3_bucket.options, "endpoint_url": closed})
     started = time.monotonic()
     with pytest.raises(StoreError, match="cannot be reached") as info:
