@@ -101,11 +101,14 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3:
-    """A new, empty bucket on the session's server; dummy credentials in the environment."""
+def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3]:
+    """A new, empty bucket on the session's server (emptied and removed afterwards, since
+    the server keeps every object in memory); dummy credentials in the environment."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", DUMMY_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", DUMMY_KEY)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     bucket = f"flowcore-test-{os.getpid()}-{next(_counter)}"
-    s3_filesystem(s3_endpoint).mkdir(bucket)
-    return S3(endpoint=s3_endpoint, bucket=bucket)
+    fs = s3_filesystem(s3_endpoint)
+    fs.mkdir(bucket)
+    yield S3(endpoint=s3_endpoint, bucket=bucket)
+    fs.rm(bucket, recursive=True)
