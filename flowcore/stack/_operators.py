@@ -37,6 +37,9 @@ class StepOperator:
 
     flavor: ClassVar[str] = "local"
     SETTINGS: ClassVar[type[BaseModel]] = StepOperatorSettings
+    # Whether its bodies run on other machines, so that with an artifact store every machine
+    # reaches (s3://...) they load their inputs and store their outputs there themselves.
+    moves_data: ClassVar[bool] = False
 
     async def start(self) -> None:
         """Acquire resources (pools, clusters) before the first step; safe to call twice."""
@@ -319,6 +322,7 @@ class DaskStepOperator(StepOperator):
 
     flavor: ClassVar[str] = "dask"
     SETTINGS: ClassVar[type[BaseModel]] = DaskStepOperatorSettings
+    moves_data: ClassVar[bool] = True
 
     def __init__(
         self,

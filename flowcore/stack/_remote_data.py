@@ -16,7 +16,10 @@ from typing import Any, Protocol, runtime_checkable
 from flowcore._models import ArtifactVersion
 from flowcore.exceptions import MaterializerError
 
-__all__ = ["RemoteArtifactStore", "StoredOutputs", "StoredValue", "moves_own_data", "worker_body"]
+__all__ = [
+    "RemoteArtifactStore", "StoredOutputs", "StoredValue", "load_references", "moves_own_data",
+    "worker_body",
+]
 
 
 @runtime_checkable
@@ -51,6 +54,21 @@ def moves_own_data(operator: Any, store: Any) -> bool:
         and bool(getattr(store, "shared_by_hosts", False))
 
 
+def load_references(value: Any, load: Callable[[ArtifactVersion], Any]) -> Any:
+    """`value` with every StoredValue in it (also inside lists, tuples and dicts, as a fan-in
+    passes them) replaced by its loaded value."""
+    kind = type(value)
+    if kind is StoredValue:
+        return load(value.artifact)
+    if kind is list:
+        return [load_references(v, load) for v in value]
+    if kind is tuple:
+        return tuple([load_references(v, load) for v in value])
+    if kind is dict:
+        return {k: load_references(v, load) for k, v in value.items()}
+    return value
+
+
 def worker_body(func: Callable[..., Any], is_async: bool, store: RemoteArtifactStore, *,
                 split: Callable[[Any], dict[str, Any]],
                 materializers: Mapping[str, type[Any]],
@@ -61,8 +79,7 @@ def worker_body(func: Callable[..., Any], is_async: bool, store: RemoteArtifactS
     cancellation of an async body still applies."""
 
     def load(kwargs: dict[str, Any]) -> dict[str, Any]:
-        loaded = {key: store.load_sync(value.artifact) if isinstance(value, StoredValue) else value
-                  for key, value in kwargs.items()}
+        loaded = {key: load_references(value, store.load_sync) for key, value in kwargs.items()}
         check_inputs(loaded)
         return loaded
 
