@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _s3_server import S3
+from _s3_server import S3, s3_bucket, s3_endpoint
 
 from flowcore import RunFailedError, Stack, StepOutputError, pipeline, step
 from flowcore.stack import DaskStepOperator
 
 MB = 1024 * 1024
+__all__ = ["s3_bucket", "s3_endpoint"]  # the S3 server's fixtures, used below
 
 
 @pytest.fixture(scope="module")

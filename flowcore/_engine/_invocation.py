@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from flowcore import _capture
 from flowcore._cache import lookup_cache
@@ -25,9 +25,16 @@ from flowcore._models import ArtifactVersion, StepRun
 from flowcore._retry import retry_delay, should_retry
 from flowcore.context import StepContext, reset_step_context, set_step_context
 from flowcore.exceptions import StepInputError, StepTimeoutError
+from flowcore.stack._remote_data import (
+    RemoteArtifactStore,
+    StoredOutputs,
+    StoredValue,
+    moves_own_data,
+    worker_body,
+)
 from flowcore.stores._base import MetadataStore
 
-__all__ = ["Gate", "Invoker", "Outcome", "run_cancelled"]
+__all__ = ["Gate", "Invoker", "Outcome", "loaded_values", "run_cancelled"]
 
 
 class Outcome:
@@ -113,6 +120,13 @@ class Invoker:
             None if type(store).flush is MetadataStore.flush else store.flush)
         self.where = f"pipeline '{plan.graph.pipeline_name}'"
 
+    def moves_data(self, node: Node, node_plan: NodePlan) -> bool:
+        """Whether the node's body runs where it loads its inputs and stores its outputs
+        itself (a Dask worker with an artifact store every machine reaches)."""
+        # A mapped node's elements come back to the driver to be gathered into one list.
+        return (node_plan.operator is not None and node.map_spec is None
+                and moves_own_data(node_plan.operator, self.artifact_store))
+
     # -- cache -----------------------------------------------------------------------------
 
     async def lookup(self, node: Node, sr: StepRun, node_plan: NodePlan,
@@ -190,7 +204,8 @@ class Invoker:
                 # Timed only for the log line that reports it.
                 started = self.clock.monotonic() if life.log_on else 0.0
                 try:
-                    if attempt == 1 and sig.checked_inputs:
+                    remote = not node_plan.direct and self.moves_data(node, node_plan)
+                    if attempt == 1 and sig.checked_inputs and not remote:
                         check_inputs(self.where, node, kwargs)
                     try:
                         if node_plan.direct:
@@ -203,17 +218,23 @@ class Invoker:
                                 done = asyncio.get_running_loop().create_future()
                             try:
                                 result = await self._call_body(node, node_plan, kwargs, attempt,
-                                                               done)
+                                                               done, sr if remote else None)
                             finally:
                                 if done is not None and not done.done():
                                     previous_body = done
                     finally:
                         if pool is not None:
                             await self._release_slot(pool, sr.id, previous_body)
-                    values = split_outputs(self.where, node, result)
-                    artifacts = await store_outputs(
-                        self.where, node, sr, node_plan, self.artifact_store, values
-                    ) if values else {}
+                    if type(result) is StoredOutputs:
+                        # Split, checked and stored by the worker: only references came back.
+                        artifacts = {n: self.artifact_store.bind(a)
+                                     for n, a in result.artifacts.items()}
+                        values = {n: StoredValue(a) for n, a in artifacts.items()}
+                    else:
+                        values = split_outputs(self.where, node, result)
+                        artifacts = await store_outputs(
+                            self.where, node, sr, node_plan, self.artifact_store, values
+                        ) if values else {}
                 except BaseException as exc:
                     if isinstance(exc, asyncio.CancelledError) and run_cancelled():
                         raise
@@ -238,7 +259,8 @@ class Invoker:
                 hooks = node_plan.hooks
                 if hooks and ("on_success" in hooks or "on_end" in hooks):
                     # The hooks' own copy: a hook changing it changes no consumer's input.
-                    out = await isolated(output_value(node, values))
+                    out = await isolated(output_value(node, values)) if not remote else (
+                        output_value(node, await loaded_values(values)))
                     if "on_success" in hooks:
                         await self._call_hook(sr, hooks["on_success"], step_output=out)
                     if "on_end" in hooks:
@@ -294,7 +316,8 @@ class Invoker:
             self.lifecycle.hook_failed(sr, hook, exc)
 
     async def _call_body(self, node: Node, node_plan: NodePlan, kwargs: dict[str, Any],
-                         attempt: int, done: asyncio.Future[None] | None) -> Any:
+                         attempt: int, done: asyncio.Future[None] | None,
+                         remote_run: StepRun | None = None) -> Any:
         step = node.step
         operator = node_plan.operator or self.plan.stack.local_operator
         func = step.func
@@ -311,6 +334,15 @@ class Invoker:
                             settings=node_plan.tracker_settings)
         if done is not None:
             func = _signal_when_returned(func, done, asyncio.get_running_loop())
+        if remote_run is not None:
+            func = worker_body(
+                func, step.is_async, cast(RemoteArtifactStore, self.artifact_store),
+                split=functools.partial(split_outputs, self.where, node),
+                materializers=node_plan.materializers,
+                check_inputs=functools.partial(check_inputs, self.where, node)
+                if step.signature.checked_inputs else _no_check,
+                producer_step_run_id=remote_run.id, label=f"{self.where}, step '{node.id}'",
+            )
         coro = operator.run(func, kwargs, is_async=step.is_async,
                             settings=node_plan.operator_settings)
         timeout = node.config.timeout
@@ -326,6 +358,16 @@ class Invoker:
                     f"(attempt {attempt})"
                 ) from None
             raise
+
+
+def _no_check(kwargs: dict[str, Any]) -> None:
+    return None
+
+
+async def loaded_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Outputs not in memory here (a worker stored them, or a cache hit), loaded."""
+    return {name: await value.artifact.aload() if type(value) is StoredValue else value
+            for name, value in values.items()}
 
 
 def _joined(capture: _capture.CaptureBuffer | None) -> str | None:

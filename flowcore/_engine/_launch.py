@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flowcore._engine._handle import RunHandle, execute_owned
+from flowcore._engine._invocation import loaded_values
 from flowcore._engine._outputs import output_value
 from flowcore._engine._plan import RunPlan, prepare_run
 from flowcore._engine._run import execute
@@ -303,7 +304,8 @@ async def run_step_async(step: Step, args: tuple[Any, ...], kwargs: dict[str, An
         if plan.first_error is not None:
             raise plan.first_error
         raise FlowcoreError(f"single-step run '{run.name}' ended {step_run.status.value}")
-    return output_value(node, plan.values[0] or {})
+    # An output a remote worker stored (or a cache hit) is loaded here: the caller gets the value.
+    return output_value(node, await loaded_values(plan.values[0] or {}))
 
 
 def run_step_sync(step: Step, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

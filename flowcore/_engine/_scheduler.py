@@ -24,18 +24,15 @@ from flowcore._engine._plan import RunPlan
 from flowcore._graph import Node, OutputRef
 from flowcore._models import ArtifactVersion, StepRun
 from flowcore.config import ExecutionMode
+from flowcore.stack._remote_data import StoredValue
 from flowcore.stores._base import MetadataStore
 
 __all__ = ["Scheduler"]
 
 
-class _Lazy:
-    """An output not in memory (a cache hit): loaded from its artifact when first needed."""
-
-    __slots__ = ("artifact",)
-
-    def __init__(self, artifact: ArtifactVersion) -> None:
-        self.artifact = artifact
+# An output not in memory (a cache hit, or an output a remote worker stored itself): loaded
+# from its artifact when a consumer on this machine first needs it.
+_Lazy = StoredValue
 
 
 def _abort(tg: asyncio.TaskGroup | None, host: asyncio.Task[Any] | None) -> None:
@@ -224,7 +221,11 @@ class Scheduler:
                     self.values[i] = {name: _Lazy(a) for name, a in hit.items()}
                     return Outcome(True)
             if node.direct_refs or node.nested_refs:
-                kwargs = await self._inputs(node)
+                if invoker.moves_data(node, node_plan):
+                    # The body runs on a worker that loads its inputs itself: references only.
+                    kwargs = self._references(node)
+                else:
+                    kwargs = await self._inputs(node)
             else:
                 kwargs = dict(node.constants)
             slots = self._slots
@@ -306,6 +307,31 @@ class Scheduler:
             kwargs[key] = value
         for key, template in node.nested_refs:
             kwargs[key] = await self._resolve_nested(template)
+        return kwargs
+
+    def _references(self, node: Node) -> dict[str, Any]:
+        """A node's inputs as references to their stored artifacts (see stack/_remote_data)."""
+        artifacts = self.artifacts
+        index = self.index
+
+        def ref_of(template: Any) -> Any:
+            if isinstance(template, OutputRef):
+                arts = artifacts[index[template.node_id]]
+                assert arts is not None, f"output of {template.node_id} is gone"
+                return StoredValue(arts[template.output])
+            if isinstance(template, list):
+                return [ref_of(v) for v in template]
+            if isinstance(template, tuple):
+                return tuple([ref_of(v) for v in template])
+            if isinstance(template, dict):
+                return {k: ref_of(v) for k, v in template.items()}
+            return template
+
+        kwargs = dict(node.constants)
+        for key, ref in node.direct_refs:
+            kwargs[key] = ref_of(ref)
+        for key, template in node.nested_refs:
+            kwargs[key] = ref_of(template)
         return kwargs
 
     def _input_hashes(self, node: Node) -> dict[str, Any]:
