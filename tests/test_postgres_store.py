@@ -175,30 +175,75 @@ async def test_list_runs_newest_first_with_filters(store: PostgresMetadataStore)
 async def test_recorded_writes_commit_in_one_statement_and_fan_out_rows_append(
     store: PostgresMetadataStore, postgres_url: str,
 ) -> None:
-    """Sixty recorded step writes, fan-out elements among them, commit in one batch (one
-    statement) that another connection sees whole; new elements go after the run's steps,
-    in the order they were recorded."""
+    """Sixty recorded step writes, fan-out elements among them (each written twice), commit
+    as ONE statement that another connection sees whole; new elements go after the run's
+    steps in the order they were recorded, with their configuration."""
     run = make_run("r1", steps=tuple(f"s{i}" for i in range(50)))
     await store.create_run(run)
-    before = store.commits
+    store.record_step_run(run, run.steps["s0"])
+    await store.flush()  # the statement is prepared (asyncpg asks the server its types once)
+    statements: list[str] = []
+    store._writer.add_query_logger(lambda record: statements.append(record.query))
     for sr in run.steps.values():
         sr.status = StepStatus.RUNNING
         store.record_step_run(run, sr)
     for i in range(10):
         sr = StepRun(id=uuid.uuid4().hex, name=f"m[{i}]", step_name="m", pipeline_run_id=run.id,
-                     config=StepRunConfig())
-        sr.status = StepStatus.COMPLETED
+                     config=StepRunConfig(parameters={"i": i}))
         run.steps[sr.name] = sr
+        sr.status = StepStatus.RUNNING
         store.record_step_run(run, sr)
+        sr.status = StepStatus.COMPLETED
+        store.record_step_run(run, sr)  # the same row again, before any commit
     await store.flush()
-    assert store.commits - before == 1
+    assert len(statements) == 1
     conn = await asyncpg.connect(postgres_url)
     try:
         rows = await conn.fetch("SELECT name, status FROM step_runs ORDER BY position")
     finally:
         await conn.close()
     assert [r["name"] for r in rows] == list(run.steps)
-    assert {r["status"] for r in rows[:50]} == {"running"}
+    assert [r["status"] for r in rows] == ["running"] * 50 + ["completed"] * 10
+    element = run.steps["m[3]"]
+    element.attempts = 2
+    await store.update_step_run(run, element)  # a known row: its config is left as it is
+    back = await store.get_run("r1")
+    assert back.steps["m[3]"].config.parameters == {"i": 3}
+    assert back.steps["m[3]"].attempts == 2
+
+
+async def test_a_cancelled_committer_finishes_its_batch_and_leaves_no_transaction(
+    store: PostgresMetadataStore, postgres_url: str,
+) -> None:
+    """Cancelling the writer that is committing and one still queued: the batch that reached
+    the server is applied whole, the queued write never happens, no transaction stays open
+    and the store stays usable."""
+    run = make_run("r1", steps=tuple(f"s{i}" for i in range(30)))
+    await store.create_run(run)
+    for sr in run.steps.values():
+        sr.status = StepStatus.COMPLETED
+    for i in range(28):
+        store.record_step_run(run, run.steps[f"s{i}"])
+    committing = asyncio.ensure_future(store.update_step_run(run, run.steps["s28"]))
+    await asyncio.sleep(0)  # it is now committing s0-s28 together
+    queued = asyncio.ensure_future(store.update_step_run(run, run.steps["s29"]))
+    await asyncio.sleep(0)
+    committing.cancel()
+    queued.cancel()
+    results = await asyncio.gather(committing, queued, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    await store.flush()  # nothing was lost
+    got = await store.get_run("r1")
+    assert all(got.steps[f"s{i}"].status is StepStatus.COMPLETED for i in range(29))
+    assert got.steps["s29"].status is StepStatus.PENDING
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        idle = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                   "current_database() AND state LIKE 'idle in transaction%'")
+    finally:
+        await conn.close()
+    assert idle == 0
+    await store.update_run(run)
 
 
 async def test_text_postgres_cannot_hold_is_stored_escaped(store: PostgresMetadataStore) -> None:
@@ -606,3 +651,19 @@ async def test_pool_leases_are_shared_renewed_and_freed_when_the_holder_is_kille
     finally:
         await one.close()
         await two.close()
+
+
+async def test_a_stack_from_a_postgres_url(postgres_url: str, tmp_path: Path) -> None:
+    """Stack.from_urls(postgresql://...?heartbeat_timeout=5) runs pipelines on the database
+    with that lapse, and names the server (without its password) in its repr."""
+    url = postgres_url.replace("flowcore@", "flowcore:pw@") + "?heartbeat_timeout=5"
+    stack = Stack.from_urls(metadata=url, artifacts=str(tmp_path / "artifacts"))
+    try:
+        assert "pw" not in repr(stack)
+        run = await summing.with_options(stack=stack).run(3)
+        store = await stack.metadata_store()
+        assert isinstance(store, PostgresMetadataStore)
+        assert store._stale_after == timedelta(seconds=5)
+        assert (await store.get_run(run.id)).steps["add_up"].output.load() == 3
+    finally:
+        await stack.close()

@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
 
@@ -74,10 +75,11 @@ class PostgresMetadataStore(MetadataStore):
         self.url = url
         self.label = server_label(url)
         self.artifact_store = artifact_store
-        self._stale_after = float(heartbeat_timeout)
-        self._beat_every = min(_BEAT_EVERY, self._stale_after / 4)
+        self._stale_after = timedelta(seconds=heartbeat_timeout)
+        self._lapse = float(heartbeat_timeout)
+        self._beat_every = min(_BEAT_EVERY, self._lapse / 4)
         # A lease lapses with its holder's heartbeat: never later than a run would be judged dead.
-        self._lease_ttl = min(LEASE_TTL, self._stale_after)
+        self._lease_ttl = min(LEASE_TTL, self._lapse)
         self._renew_every = self._lease_ttl * 0.3
         self._connect_timeout = connect_timeout
         self._host = socket.gethostname()
@@ -88,6 +90,9 @@ class PostgresMetadataStore(MetadataStore):
         self._listener: Any = None
         self._open_lock: asyncio.Lock | None = None
         self._writes = WriteQueue(lambda: self._writer, self._translate)
+        # Step runs whose row exists (created with their run, or written once): their status
+        # writes carry no config, which is written once, with the row.
+        self._known_steps: set[str] = set()
         self._beats: dict[str, float] = {}  # run id -> monotonic time of its last heartbeat
         self._lookups: Coalescer[str, StepRun | None] = Coalescer(self._find_cached_many)
         self._explains: Coalescer[tuple[str, str], dict[str, str] | None] = Coalescer(
@@ -190,12 +195,14 @@ class PostgresMetadataStore(MetadataStore):
             _LIVE_HERE.discard(run.id)
             raise
         self._beats[run.id] = time.monotonic()
+        self._known_steps.update(sr.id for sr in run.steps.values())
 
     async def update_run(self, run: PipelineRun) -> None:
         await self._write(ops.run_write(run))
         if run.status.is_finished:
             _LIVE_HERE.discard(run.id)
             self._beats.pop(run.id, None)
+            self._known_steps.difference_update(sr.id for sr in run.steps.values())
 
     def _step_write(self, run: PipelineRun, step_run: StepRun) -> ops.StepWrite:
         # A step write refreshes its run's heartbeat at most every few seconds: enough for
@@ -205,7 +212,10 @@ class PostgresMetadataStore(MetadataStore):
         beat = last is None or now - last >= self._beat_every
         if beat:
             self._beats[run.id] = now
-        return ops.step_write(run, step_run, beat=beat)
+        known = step_run.id in self._known_steps
+        if not known and run.id in self._beats:  # a live run of ours: remember its new row
+            self._known_steps.add(step_run.id)
+        return ops.step_write(run, step_run, beat=beat, with_config=not known)
 
     async def update_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
         await self._write(self._step_write(run, step_run), step_run.id)
@@ -258,7 +268,7 @@ class PostgresMetadataStore(MetadataStore):
     async def request_cancel(self, run_id: str, drain: bool) -> RunStatus:
         found, status = await self._read(partial(
             control.request_cancel, name_or_id=run_id, drain=drain,
-            stale_after=self._stale_after, live_here=frozenset(_LIVE_HERE)), "cancelling")
+            stale_after=self._lapse, live_here=frozenset(_LIVE_HERE)), "cancelling")
         if status is RunStatus.CRASHED:
             _logger.warning("run_crashed: run '%s' was RUNNING but its heartbeat stopped; "
                             "marked CRASHED", run_id)
@@ -275,7 +285,7 @@ class PostgresMetadataStore(MetadataStore):
 
     async def run_is_live(self, run_id: str) -> bool:
         return await self._read(partial(control.run_is_live, name_or_id=run_id,
-                                        stale_after=self._stale_after,
+                                        stale_after=self._lapse,
                                         live_here=frozenset(_LIVE_HERE)))
 
     async def _deliver_cancels(self, run_ids: list[str]) -> None:
@@ -366,7 +376,7 @@ class PostgresMetadataStore(MetadataStore):
         """Mark CRASHED the RUNNING runs whose heartbeat lapsed (by the database's clock) and
         that this process does not run; return their names. In the same statement, the
         unfinished step rows of finished runs are marked STOPPED. Called by `open()`."""
-        names, stopped = await self._write(ops.mark_crashed(self._stale_after,
+        names, stopped = await self._write(ops.mark_crashed(self._lapse,
                                                             sorted(_LIVE_HERE)))
         for name in names:
             _logger.warning("run_crashed: run '%s' was RUNNING but its heartbeat stopped; "

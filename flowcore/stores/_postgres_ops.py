@@ -22,7 +22,8 @@ from flowcore.stores._sqlite_schema import encode_config, encode_hook_errors, en
 
 __all__ = [
     "DATA_TYPES", "Beats", "Call", "Data", "RunWrite", "StepWrite", "apply_data", "clear_cache",
-    "delete_run", "insert_run", "mark_crashed", "run_write", "step_write", "text", "utc",
+    "delete_run", "insert_run", "mark_crashed", "replaces", "run_write", "step_write", "text",
+    "utc",
 ]
 
 Call = Callable[[Any], Awaitable[Any]]  # an async function of one asyncpg connection
@@ -87,8 +88,13 @@ def _content_hash(artifact: ArtifactVersion) -> str | None:
         return None
 
 
-def step_write(run: PipelineRun, sr: StepRun, *, beat: bool) -> StepWrite:
-    """The state of `sr` now (the runner keeps changing the object after this returns)."""
+def step_write(run: PipelineRun, sr: StepRun, *, beat: bool, with_config: bool = True
+               ) -> StepWrite:
+    """The state of `sr` now (the runner keeps changing the object after this returns).
+
+    Without `with_config` (a row known to exist) the configuration is not encoded: a status
+    write never changes it.
+    """
     err = sr.error
     step = (
         sr.id, run.id, text(sr.name), text(sr.step_name), sr.status.value, sr.attempts,
@@ -96,7 +102,8 @@ def step_write(run: PipelineRun, sr: StepRun, *, beat: bool) -> StepWrite:
         text(err.type) if err else None, text(err.message) if err else None,
         text(err.traceback) if err else None, text(encode_hook_errors(sr.hook_errors)),
         None if sr.cache_components is None else json.dumps(sr.cache_components, sort_keys=True),
-        float(sr.waited), text(encode_config(sr.config)), json.dumps(list(sr.upstream)),
+        float(sr.waited), text(encode_config(sr.config)) if with_config else None,
+        json.dumps(list(sr.upstream)),
     )
     write = StepWrite(step, beat=run.id if beat else None)
     for name, a in sr.outputs.items():
@@ -109,6 +116,24 @@ def step_write(run: PipelineRun, sr: StepRun, *, beat: bool) -> StepWrite:
     if sr.status.is_finished and sr.logs:
         write.logs = (sr.id, text(sr.logs) or "")
     return write
+
+
+_CONFIG = 16  # where a step row's config is
+
+
+def newer_step(old: tuple[Any, ...], new: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`new`, keeping the config of `old` when `new` has none (the config is written with the
+    row, and the row may not exist yet when two writes of a new step run go together)."""
+    if new[_CONFIG] is None and old[_CONFIG] is not None:
+        return (*new[:_CONFIG], old[_CONFIG], *new[_CONFIG + 1:])
+    return new
+
+
+def replaces(old: Any, new: StepWrite) -> StepWrite:
+    """A queued step write taken over by a newer one of the same step run (see newer_step)."""
+    if isinstance(old, StepWrite):
+        new.step = newer_step(old.step, new.step)
+    return new
 
 
 def run_write(run: PipelineRun) -> RunWrite:
@@ -139,7 +164,9 @@ def _data_statement() -> str:
     return f"""
 WITH s AS (
   INSERT INTO step_runs ({", ".join(_STEP_COLS)}, position)
-  SELECT {", ".join("t." + c for c in _STEP_COLS)},
+  -- A known row's status write carries no config (never updated); NOT NULL is checked
+  -- before the conflict is, hence the placeholder.
+  SELECT {", ".join("t." + c for c in _STEP_COLS[:16])}, COALESCE(t.config, '{{}}'), t.upstream,
     -- Not recorded by create_run (a fan-out element): it goes after the others.
     COALESCE((SELECT MAX(p.position) FROM step_runs p WHERE p.run_id = t.run_id), -1)
       + row_number() OVER (PARTITION BY t.run_id ORDER BY t.ord)
@@ -204,8 +231,8 @@ async def apply_data(conn: Any, writes: list[Data]) -> None:
             if w.finished:
                 finished.append(w.run_id)
             continue
-        steps.pop(w.step[0], None)  # re-inserted last: the newest state, in order
-        steps[w.step[0]] = w.step
+        earlier = steps.pop(w.step[0], None)  # re-inserted last: the newest state, in order
+        steps[w.step[0]] = w.step if earlier is None else newer_step(earlier, w.step)
         for a in w.artifacts:
             artifacts.setdefault(a[0], a)
         for o in w.outputs:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from flowcore.stores._postgres_ops import DATA_TYPES, Call, Data, StepWrite, apply_data
+from flowcore.stores._postgres_ops import DATA_TYPES, Call, Data, StepWrite, apply_data, replaces
 from flowcore.stores._sqlite_commit import mark_retrieved, settle
 from flowcore.stores._sqlite_writer import WAKE_CHUNK, wake_in_chunks
 
@@ -141,7 +141,8 @@ class WriteQueue:
         future.add_done_callback(mark_retrieved)
         queued = self._queued_steps.get(step_key) if step_key else None
         if queued is not None and queued.future is None and not queued.submitted:
-            queued.op, queued.future = op, future
+            queued.op = replaces(queued.op, op) if isinstance(op, StepWrite) else op
+            queued.future = future
             pending = queued
         else:
             pending = Pending(op, future)
@@ -162,7 +163,7 @@ class WriteQueue:
         self._enqueued += 1
         queued = self._queued_steps.get(step_key)
         if queued is not None and not queued.submitted:
-            queued.op = op  # the newer state of the same step run
+            queued.op = replaces(queued.op, op)  # the newer state of the same step run
             return
         pending = Pending(op, None)
         self._queue.append(pending)
