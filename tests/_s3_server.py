@@ -14,13 +14,14 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
 
-__all__ = ["S3", "free_port", "s3_bucket", "s3_endpoint", "s3_filesystem"]
+__all__ = ["S3", "free_port", "moto_server", "s3_bucket", "s3_endpoint", "s3_filesystem"]
 
 DUMMY_KEY = "flowcore-test"
 _START_TIMEOUT = 60.0
@@ -71,11 +72,12 @@ def s3_filesystem(endpoint: str) -> Any:
                              skip_instance_cache=True, use_listings_cache=False)
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The URL of a moto S3 server started for this test session on 127.0.0.1."""
+@contextmanager
+def moto_server(log_dir: Path) -> Iterator[str]:
+    """Run `moto.server` on 127.0.0.1 and a free port; yield its endpoint URL (also used by
+    the benchmarks, which start their own)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"
+    log = log_dir / "moto-server.log"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": DUMMY_KEY, "AWS_SECRET_ACCESS_KEY": DUMMY_KEY}
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -98,6 +100,13 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.kill()
             proc.wait()
         drain.join(10)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a moto S3 server started for this test session on 127.0.0.1."""
+    with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
