@@ -464,12 +464,13 @@ def kill(proc: subprocess.Popen[str]) -> None:
     proc.communicate(timeout=30)
 
 
-async def test_a_killed_runs_heartbeat_lapses_and_another_process_marks_it_crashed(
+async def test_a_frozen_runs_heartbeat_lapses_and_another_process_marks_it_crashed(
     postgres_url: str, tmp_path: Path, procs: list[subprocess.Popen[str]],
 ) -> None:
     """A run heartbeating in another process stays RUNNING over several lapses; once that
-    process is SIGKILLed its heartbeat lapses and this process marks it CRASHED (running step
-    STOPPED, pending one SKIPPED, ended at its last heartbeat)."""
+    process stops heartbeating (SIGSTOP: its pid still exists, as a partitioned host's would)
+    the lapse passes and this process marks it CRASHED: running step STOPPED, pending one
+    SKIPPED, ended at its last heartbeat."""
     proc = run_elsewhere(procs, postgres_url, tmp_path, "doomed", lapse=1.5)
     store = PostgresMetadataStore(postgres_url, LocalArtifactStore(tmp_path / "a"),
                                   heartbeat_timeout=1.5)
@@ -477,17 +478,37 @@ async def test_a_killed_runs_heartbeat_lapses_and_another_process_marks_it_crash
         await asyncio.sleep(3.5)  # more than two lapses: only heartbeats keep it alive
         assert await store.mark_crashed_runs() == []
         assert await store.run_is_live("doomed")
-        kill(proc)
-        killed_at = datetime.now(UTC)
+        proc.send_signal(signal.SIGSTOP)
+        frozen_at = datetime.now(UTC)
         deadline = time.monotonic() + 15
         while await store.mark_crashed_runs() != ["doomed"]:
-            assert time.monotonic() < deadline, "the killed run was never marked CRASHED"
+            assert time.monotonic() < deadline, "the frozen run was never marked CRASHED"
             await asyncio.sleep(0.2)
         run = await store.get_run("doomed")
         assert run.status is RunStatus.CRASHED and not await store.run_is_live("doomed")
         assert (run.steps["slow"].status, run.steps["after"].status) == (StepStatus.STOPPED,
                                                                          StepStatus.SKIPPED)
-        assert run.end_time is not None and run.end_time <= killed_at + timedelta(seconds=1)
+        assert run.end_time is not None and run.end_time <= frozen_at + timedelta(seconds=1)
+    finally:
+        proc.kill()
+        await store.close()
+
+
+async def test_a_killed_run_on_this_host_is_crashed_at_once(
+    postgres_url: str, tmp_path: Path, procs: list[subprocess.Popen[str]],
+) -> None:
+    """A run whose process, in this process space, was SIGKILLed is CRASHED at once (its pid
+    is gone), long before its 60 s heartbeat lapse: a cancel request says so."""
+    proc = run_elsewhere(procs, postgres_url, tmp_path, "killed")
+    store = PostgresMetadataStore(postgres_url, LocalArtifactStore(tmp_path / "a"))
+    try:
+        assert await store.run_is_live("killed")
+        kill(proc)
+        assert not await store.run_is_live("killed")
+        assert await store.request_cancel("killed", drain=False) is RunStatus.CRASHED
+        run = await store.get_run("killed")
+        assert (run.steps["slow"].status, run.steps["after"].status) == (StepStatus.STOPPED,
+                                                                         StepStatus.SKIPPED)
     finally:
         await store.close()
 
@@ -625,11 +646,12 @@ def hold_a_lease(procs: list[subprocess.Popen[str]], url: str, tmp_path: Path
     return proc
 
 
-async def test_pool_leases_are_shared_renewed_and_freed_when_the_holder_is_killed(
+async def test_pool_leases_are_shared_renewed_and_freed_when_the_holder_is_gone(
     postgres_url: str, tmp_path: Path, procs: list[subprocess.Popen[str]],
 ) -> None:
     """Two stores share a pool's limit; a live holder in another process keeps its lease by
-    renewing it past its lapse; once SIGKILLed, its slot is free within a lapse or two."""
+    renewing it past its lapse; a frozen holder's lease lapses; a SIGKILLed holder's slot is
+    free at once."""
     artifacts = LocalArtifactStore(tmp_path / "a")
     one, two = (PostgresMetadataStore(postgres_url, artifacts) for _ in range(2))
     try:
@@ -640,14 +662,21 @@ async def test_pool_leases_are_shared_renewed_and_freed_when_the_holder_is_kille
         await one.release_slot("cpu", "h1")
         assert await two.acquire_slot("cpu", 2, "h3")
 
-        proc = hold_a_lease(procs, postgres_url, tmp_path)
+        frozen = hold_a_lease(procs, postgres_url, tmp_path)
         await asyncio.sleep(3.0)  # past the 2 s lapse: only renewal keeps it
         assert not await one.acquire_slot("gpu", 1, "me")
-        kill(proc)
+        frozen.send_signal(signal.SIGSTOP)
         deadline = time.monotonic() + 10
         while not await one.acquire_slot("gpu", 1, "me"):
-            assert time.monotonic() < deadline, "the killed holder's lease never lapsed"
+            assert time.monotonic() < deadline, "the frozen holder's lease never lapsed"
             await asyncio.sleep(0.2)
+        frozen.kill()
+        await one.release_slot("gpu", "me")
+
+        killed = hold_a_lease(procs, postgres_url, tmp_path)
+        assert not await one.acquire_slot("gpu", 1, "me")
+        kill(killed)
+        assert await one.acquire_slot("gpu", 1, "me")
     finally:
         await one.close()
         await two.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -82,7 +81,7 @@ class PostgresMetadataStore(MetadataStore):
         self._lease_ttl = min(LEASE_TTL, self._lapse)
         self._renew_every = self._lease_ttl * 0.3
         self._connect_timeout = connect_timeout
-        self._host = socket.gethostname()
+        self._host = control.process_space()
         self._asyncpg: Any = None
         self._errors: PgErrors | None = None
         self._writer: Any = None
@@ -267,10 +266,10 @@ class PostgresMetadataStore(MetadataStore):
 
     async def request_cancel(self, run_id: str, drain: bool) -> RunStatus:
         found, status = await self._read(partial(
-            control.request_cancel, name_or_id=run_id, drain=drain,
-            stale_after=self._lapse, live_here=frozenset(_LIVE_HERE)), "cancelling")
+            control.request_cancel, name_or_id=run_id, drain=drain, live=self._liveness()),
+            "cancelling")
         if status is RunStatus.CRASHED:
-            _logger.warning("run_crashed: run '%s' was RUNNING but its heartbeat stopped; "
+            _logger.warning("run_crashed: run '%s' was RUNNING but its process is gone; "
                             "marked CRASHED", run_id)
         elif status is RunStatus.RUNNING and found in self._cancel_watchers.ids():
             self._next_cancel_check = 0.0  # run by this very store: deliver now
@@ -285,8 +284,10 @@ class PostgresMetadataStore(MetadataStore):
 
     async def run_is_live(self, run_id: str) -> bool:
         return await self._read(partial(control.run_is_live, name_or_id=run_id,
-                                        stale_after=self._lapse,
-                                        live_here=frozenset(_LIVE_HERE)))
+                                        live=self._liveness()))
+
+    def _liveness(self) -> control.Liveness:
+        return control.Liveness(self._host, self._lapse, frozenset(_LIVE_HERE))
 
     async def _deliver_cancels(self, run_ids: list[str]) -> None:
         found = await self._read(partial(control.pending_cancels, run_ids=run_ids))
@@ -373,13 +374,15 @@ class PostgresMetadataStore(MetadataStore):
         return count
 
     async def mark_crashed_runs(self) -> list[str]:
-        """Mark CRASHED the RUNNING runs whose heartbeat lapsed (by the database's clock) and
-        that this process does not run; return their names. In the same statement, the
+        """Mark CRASHED the RUNNING runs whose heartbeat lapsed (by the database's clock), or
+        whose pid is gone in this process space, and that this process does not run; return
+        their names. In the same statement, the
         unfinished step rows of finished runs are marked STOPPED. Called by `open()`."""
-        names, stopped = await self._write(ops.mark_crashed(self._lapse,
-                                                            sorted(_LIVE_HERE)))
+        live = self._liveness()
+        names, stopped = await self._write(ops.mark_crashed(
+            self._lapse, sorted(live.live_here), self._host, live.pid_gone))
         for name in names:
-            _logger.warning("run_crashed: run '%s' was RUNNING but its heartbeat stopped; "
+            _logger.warning("run_crashed: run '%s' was RUNNING but its process is gone; "
                             "marked CRASHED", name)
         if stopped:
             _logger.warning("steps_stopped: %d step run(s) of finished runs were still "

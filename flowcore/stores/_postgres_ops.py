@@ -336,8 +336,8 @@ CRASH_STEPS = """
 _MARK_CRASHED = f"""
 WITH dead AS (
   UPDATE runs SET status = 'crashed', end_time = COALESCE(heartbeat, start_time)
-  WHERE status = 'running' AND NOT (id = ANY($2::text[]))
-    AND COALESCE(heartbeat, start_time) < now() - make_interval(secs => $1)
+  WHERE status = 'running' AND (id = ANY($3::text[]) OR (NOT (id = ANY($2::text[]))
+    AND COALESCE(heartbeat, start_time) < now() - make_interval(secs => $1)))
   RETURNING id, name, end_time
 ), steps AS ({CRASH_STEPS}
 ), orphans AS (
@@ -351,13 +351,18 @@ WITH dead AS (
 SELECT ARRAY(SELECT name FROM dead ORDER BY name), (SELECT count(*) FROM orphans)"""
 
 
-def mark_crashed(stale_after: float, live_here: list[str]) -> Call:
-    """Mark CRASHED the RUNNING runs whose heartbeat is older than `stale_after` seconds by
-    the database's clock (except `live_here`, run by this process); stop the unfinished steps
-    of finished runs. The call returns (crashed run names, steps stopped)."""
+def mark_crashed(stale_after: float, live_here: list[str], space: str,
+                 pid_gone: Callable[[str, int | None, str | None], bool]) -> Call:
+    """Mark CRASHED the RUNNING runs whose process is gone: those whose heartbeat is older
+    than `stale_after` seconds by the database's clock (except `live_here`, run by this
+    process), and those of this process space (`space`) whose pid is gone; stop the
+    unfinished steps of finished runs. The call returns (crashed run names, steps stopped)."""
 
     async def write(conn: Any) -> tuple[list[str], int]:
-        row = await conn.fetchrow(_MARK_CRASHED, float(stale_after), live_here)
+        local = await conn.fetch("SELECT id, pid, host FROM runs WHERE status = 'running' "
+                                 "AND host = $1", space)
+        dead_here = [r["id"] for r in local if pid_gone(r["id"], r["pid"], r["host"])]
+        row = await conn.fetchrow(_MARK_CRASHED, float(stale_after), live_here, dead_here)
         return list(row[0]), int(row[1])
 
     return write
