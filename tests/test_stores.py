@@ -1,4 +1,5 @@
-"""Metadata stores: one behaviour suite for memory and SQLite, then what only SQLite does."""
+"""Metadata stores: one behaviour suite for memory, SQLite and Postgres + S3, then what only
+SQLite does."""
 
 from __future__ import annotations
 
@@ -76,11 +77,20 @@ async def complete(stores: Stores, run: PipelineRun, step: str, value: Any,
     return sr
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres+s3"])
 async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stores]:
-    """The in-memory stores, or SQLite with local artifacts on real files under tmp_path."""
+    """The in-memory stores, SQLite with local artifacts on real files under tmp_path, or a
+    fresh PostgreSQL database with a fresh S3 bucket on the session's servers."""
     if request.param == "memory":
         s = Stores(InMemoryMetadataStore(), InMemoryArtifactStore())
+    elif request.param == "postgres+s3":
+        from flowcore.stores._fsspec import FsspecArtifactStore
+        from flowcore.stores._postgres import PostgresMetadataStore
+
+        shared = request.getfixturevalue("shared_stores")
+        remote = FsspecArtifactStore(shared.artifacts, shared.storage_options)
+        await remote.open()
+        s = Stores(PostgresMetadataStore(shared.metadata, remote), remote)
     else:
         artifacts = LocalArtifactStore(tmp_path / "home" / "artifacts")
         s = Stores(SqliteMetadataStore(tmp_path / "home" / "flowcore.db", artifacts), artifacts)
