@@ -1,8 +1,14 @@
 """Scheduler benchmarks: flowcore beside a plain-asyncio baseline measured in the same process.
 
-    python benchmarks/bench_scheduler.py [--quick] [--stack memory|sqlite] [--repeat N]
+    python benchmarks/bench_scheduler.py [--quick] [--stack memory|sqlite|default] [--repeat N]
                                          [--budget SECONDS] [--only NAME[,NAME...]]
                                          [--no-gc] [--profile fanout|compile]
+    python benchmarks/bench_scheduler.py --suite issue11 [--stack memory|default] [--big]
+
+`--suite issue11` measures issue 11's shapes (see `_durable_shapes.py`): distinct output
+values per step, figures end to end including compile, beside the bare-asyncio floor of
+the same run; `--big` adds the 10,000-step versions. `default` is the default stack
+(SQLite + local artifacts in a fresh temporary directory), the same as `sqlite`.
 
 Prints a markdown table. Every timing is the median of `--repeat` runs (default 5; 3 with
 --quick), each on a fresh stack, after a `gc.collect()`, with the garbage collector left on (as
@@ -659,7 +665,42 @@ def machine() -> str:
             f"{platform.system()} {platform.release()}")
 
 
+def print_issue11(cells: list[Any], stack: str, reps: int, load_before: str) -> None:
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"### issue 11 shapes — stack `{stack}`, {today}\n")
+    print(f"Machine: {machine()}; load average before: {load_before}; after: {load}.  ")
+    print(f"Medians of {reps} repetitions alternating with the floor, after one warm-up run on "
+          "the same stack. Per-step figures are end to end (compile included); `sched` "
+          "excludes the compile.\n")
+    print("| workload | asyncio floor | flowcore | ratio | sched | compile per node | target "
+          "| result | reps |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c in cells:
+        per_node = c.compile / c.steps
+        if c.unit == "step":
+            floor = us(c.floor / c.steps)
+            fc = us(c.total / c.steps)
+            sched = us((c.total - c.compile) / c.steps)
+        else:
+            floor, fc, sched = secs(c.floor), secs(c.total), secs(c.total - c.compile)
+        if c.extra:
+            fc += f" ({c.extra})"
+        result = "" if c.ok is None else verdict(c.ok)
+        print(f"| {c.label} | {floor} | {fc} | {c.total / c.floor:,.1f}x | {sched} "
+              f"| {us(per_node)} | {c.target} | {result} | {c.reps} |")
+
+
 async def main(args: argparse.Namespace) -> int:
+    if args.suite == "issue11":
+        import _durable_shapes
+
+        load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        kind = "memory" if args.stack == "memory" else "default"
+        reps = args.repeat if args.repeat_given else 3
+        cells = await _durable_shapes.run_suite(kind, reps, args.big, args.only)
+        print_issue11(cells, kind, reps, load_before)
+        return 0
     quick = args.quick
     sizes = {
         "fanout": 1_000 if quick else 10_000,
@@ -731,7 +772,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true",
                     help="smaller shapes (1,000 fan-out, 200 chain, 1,000 compile), 3 repeats")
-    ap.add_argument("--stack", choices=("memory", "sqlite"), default="memory")
+    ap.add_argument("--stack", choices=("memory", "sqlite", "default"), default="memory")
+    ap.add_argument("--suite", choices=("classic", "issue11"), default="classic",
+                    help="issue11: issue 11's shapes end to end beside the asyncio floor")
+    ap.add_argument("--big", action="store_true",
+                    help="with --suite issue11: also the 10,000-step versions")
     ap.add_argument("--repeat", type=int, default=None, help="repetitions per figure (5)")
     ap.add_argument("--budget", type=float, default=60.0,
                     help="seconds after which one figure stops repeating (default 60)")
@@ -744,6 +789,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", choices=("fanout", "compile"), default=None,
                     help="print a pyinstrument profile of one run instead of the table")
     args = ap.parse_args(argv)
+    if args.stack == "default":
+        args.stack = "sqlite"
+    args.repeat_given = args.repeat is not None
     if args.repeat is None:
         args.repeat = 3 if args.quick else 5
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -751,7 +799,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.only = {s.split(".", 1)[0] for s in only}
     if only and "fanout" in args.only and not args.fan_variants:
         args.fan_variants = {"list", "after", "order"}
-    unknown = args.only - set(SHAPES)
+    unknown = args.only - set(SHAPES) if args.suite == "classic" else set()
     if unknown:
         ap.error(f"unknown shape(s): {', '.join(sorted(unknown))}")
     return args

@@ -156,5 +156,6 @@ async def run_map(invoker: Invoker, node: Node, sr: StepRun,
         return Outcome(False, error=exc)
     if not life.step_completed(sr, artifacts, None):
         return STOPPED
-    await invoker.store.flush()
+    if invoker.flush is not None:  # see Invoker.__init__
+        await invoker.flush()
     return Outcome(True, {"output": results}, artifacts)

@@ -115,9 +115,12 @@ class Invoker:
         self.gate = gate
         self.clock = plan.clock
         self.tracker_locks: dict[int, asyncio.Lock] = {}
-        # A store whose writes are never queued (memory) has nothing to flush: skip the call.
+        # Awaited before a step's dependents start, so they can read its row through a
+        # client; not needed by a store that never queues (memory) nor by one whose reads
+        # wait for this process's queued writes, committed in order (SQLite).
         self.flush: Callable[[], Awaitable[None]] | None = (
-            None if type(store).flush is MetadataStore.flush else store.flush)
+            None if type(store).flush is MetadataStore.flush
+            or getattr(store, "reads_own_writes", False) else store.flush)
         self.where = f"pipeline '{plan.graph.pipeline_name}'"
 
     def moves_data(self, node: Node, node_plan: NodePlan) -> bool:
@@ -149,8 +152,8 @@ class Invoker:
                 return None
         if not life.step_cached(sr, dict(hit.outputs), hit.pipeline_run_id):
             return None
-        # Committed before dependents start: a downstream step may read it through the client.
-        await self.store.flush()
+        if self.flush is not None:  # see __init__
+            await self.flush()
         return sr.outputs
 
     # -- attempts --------------------------------------------------------------------------
@@ -254,7 +257,7 @@ class Invoker:
                                            self.clock.monotonic() - started if life.log_on
                                            else None):
                     return STOPPED
-                if self.flush is not None:
+                if self.flush is not None:  # see __init__
                     await self.flush()
                 hooks = node_plan.hooks
                 if hooks and ("on_success" in hooks or "on_end" in hooks):

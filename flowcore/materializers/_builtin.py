@@ -98,6 +98,11 @@ class BuiltInMaterializer(Materializer, builtin=True):
             return None
         return {_JSON_FILE: _json_bytes(data)}
 
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], data_type: type) -> Any:
+        """What `load` gives for a directory holding exactly `files` (an inline artifact)."""
+        return loads_text(files[_JSON_FILE].decode("utf-8"))
+
     def load(self, data_type: type, uri: str) -> Any:
         return _read_json(uri)
 
@@ -157,6 +162,12 @@ class BuiltInContainerMaterializer(Materializer, builtin=True):
         if kind in ("set", "frozenset"):
             items = sorted(items, key=_canonical)
         return {"kind": kind, "value": items}
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], data_type: type) -> Any:
+        """What `load` gives for a directory holding exactly `files` (an inline artifact)."""
+        doc = loads_text(files[_JSON_FILE].decode("utf-8"))
+        return _CONTAINERS[doc["kind"]](doc["value"])
 
     def load(self, data_type: type, uri: str) -> Any:
         doc = _read_json(uri)

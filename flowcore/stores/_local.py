@@ -37,6 +37,13 @@ from flowcore.materializers._content import (
 )
 from flowcore.materializers._estimate import SMALL_BYTES, roughly_small
 from flowcore.stores._base import ArtifactStore
+from flowcore.stores._sqlite_inline import (
+    inline_artifact,
+    inline_damage,
+    is_inline,
+    payload_of,
+    with_payload,
+)
 
 __all__ = ["SIGNATURE_FILE", "LocalArtifactStore"]
 
@@ -76,6 +83,13 @@ class LocalArtifactStore(ArtifactStore):
         self._key_lock = threading.Lock()
         # uri -> the directory_state() it had when this process last wrote or fully hashed it.
         self._sound: dict[str, DirectoryState] = {}
+        # Set by a metadata store that keeps small values in its rows (SQLite): see keep_inline.
+        self._inline = False
+
+    def keep_inline(self) -> None:
+        """Save small values as inline artifacts (their bytes go into the metadata row, no
+        file; see `_sqlite_inline`). Called by the SQLite metadata store this store serves."""
+        self._inline = True
 
     def __repr__(self) -> str:
         return f"<LocalArtifactStore {self.root}>"
@@ -90,6 +104,11 @@ class LocalArtifactStore(ArtifactStore):
         producer_step_run_id: str,
         step_label: str,
     ) -> ArtifactVersion:
+        if self._inline:
+            small = inline_artifact(value, materializer=materializer, data_type=data_type,
+                                    name=name, producer_step_run_id=producer_step_run_id)
+            if small is not None:
+                return small
         # Encoding and hashing on the loop only for a value surely small (a bounded look).
         files = self._files_for(value, materializer) if roughly_small(value) else None
         if files is not None and sum(map(len, files.values())) <= SMALL_BYTES:
@@ -139,12 +158,16 @@ class LocalArtifactStore(ArtifactStore):
         return files
 
     def exists(self, artifact: ArtifactVersion) -> bool:
+        if is_inline(artifact):  # kept in its metadata row, beside this store
+            return payload_of(artifact) is not None
         if os.path.isdir(artifact.uri):
             return True
         self._sound.pop(artifact.uri, None)
         return False
 
     async def verify(self, artifact: ArtifactVersion) -> str | None:
+        if is_inline(artifact):  # a few bytes in its row: hashed here
+            return inline_damage(artifact)
         state = directory_state(artifact.uri)  # stat() only: fine on the loop
         if state is None:
             self._sound.pop(artifact.uri, None)
@@ -186,6 +209,8 @@ class LocalArtifactStore(ArtifactStore):
         return known is not None and directory_state(uri) == known
 
     def bind(self, artifact: ArtifactVersion) -> ArtifactVersion:
+        if is_inline(artifact):  # its bytes are with it, from its metadata row
+            return with_payload(artifact, payload_of(artifact))
         # ArtifactVersion has no public setter for its loader; the store owns this attribute.
         artifact._loader = self._load
         return artifact

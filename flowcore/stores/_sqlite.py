@@ -23,8 +23,11 @@ from flowcore.stores import _sqlite_control as control
 from flowcore.stores import _sqlite_ops as ops
 from flowcore.stores import _sqlite_reads as reads
 from flowcore.stores._base import ArtifactStore, MetadataStore
+from flowcore.stores._local import LocalArtifactStore
+from flowcore.stores._sqlite_catchup import caught_up
 from flowcore.stores._sqlite_commit import Connection
 from flowcore.stores._sqlite_errors import StoreErrors
+from flowcore.stores._sqlite_inline import is_inline, with_payload
 from flowcore.stores._sqlite_schema import migrate
 from flowcore.stores._sqlite_writer import WriteQueue
 
@@ -76,6 +79,9 @@ def _is_dead(pid: int | None, run_id: str) -> bool:
 class SqliteMetadataStore(MetadataStore):
     """Runs, step runs, artifact rows and the cache index in one SQLite file (WAL mode).
 
+    Beside the local artifact store, small outputs are kept inline, in their artifact row
+    (see `_sqlite_inline`): no file is written for them.
+
     Several processes may share the file. Writes are group-committed: while one transaction
     is being committed, later writes queue up and go together in the next one; each write
     is atomic on its own (a failing one is rolled back to its savepoint, the others commit).
@@ -88,6 +94,11 @@ class SqliteMetadataStore(MetadataStore):
             is considered crashed.
     """
 
+    # Writes are committed in the order they were queued and every read first waits for the
+    # writes this process queued on the file (see _sqlite_catchup): the engine need not wait
+    # for a step's commit before its dependents start.
+    reads_own_writes = True
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -98,6 +109,8 @@ class SqliteMetadataStore(MetadataStore):
     ) -> None:
         self.path = Path(path).absolute()
         self.artifact_store = artifact_store
+        if isinstance(artifact_store, LocalArtifactStore):
+            artifact_store.keep_inline()  # this store's rows hold small values' bytes
         self._busy_timeout = busy_timeout
         self._stale_after = timedelta(seconds=heartbeat_timeout)
         self._host = socket.gethostname()
@@ -105,6 +118,7 @@ class SqliteMetadataStore(MetadataStore):
         self._db: Connection | None = None
         self._open_lock: asyncio.Lock | None = None
         self._writes = WriteQueue(self._errors, lambda: self._db)
+        self._writes.register(str(self.path))
         self._beats: dict[str, datetime] = {}  # run id -> last heartbeat written
         self._lookups: Coalescer[str, StepRun | None] = Coalescer(self._find_cached_many)
         self._explains: Coalescer[tuple[str, str], dict[str, str] | None] = Coalescer(
@@ -190,6 +204,9 @@ class SqliteMetadataStore(MetadataStore):
 
     async def _read(self, read: Callable[[sqlite3.Connection], T]) -> T:
         db = await self._connection()
+        # Steps' rows are committed behind their dependents' start: a read sees what this
+        # process queued before it, as if every write had been awaited.
+        await caught_up(str(self.path))
         with self._errors("reading"):
             return await db.run(partial(reads.read_snapshot, read=read))
 
@@ -351,7 +368,7 @@ class SqliteMetadataStore(MetadataStore):
 
     async def get_artifact(self, artifact_id: str) -> ArtifactVersion:
         artifact = await self._read(partial(reads.read_artifact, artifact_id=artifact_id))
-        return self.artifact_store.bind(artifact)
+        return self._bind_artifact(artifact)
 
     async def find_cached(self, cache_key: str) -> StepRun | None:
         # Lookups that arrive while one is in flight are answered together by the next query
@@ -403,9 +420,15 @@ class SqliteMetadataStore(MetadataStore):
                             "pending, running or retrying; marked STOPPED", stopped)
         return names
 
+    def _bind_artifact(self, artifact: ArtifactVersion) -> ArtifactVersion:
+        if is_inline(artifact):  # its bytes came with its row
+            return with_payload(artifact, artifact._value)
+        artifact._value = None  # the content column is NULL for these
+        return self.artifact_store.bind(artifact)
+
     def _bind_step(self, step_run: StepRun) -> None:
         for name, artifact in step_run.outputs.items():
-            step_run.outputs[name] = self.artifact_store.bind(artifact)
+            step_run.outputs[name] = self._bind_artifact(artifact)
 
     def _bind_run(self, run: PipelineRun) -> PipelineRun:
         for step_run in run.steps.values():

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -44,13 +44,20 @@ class Connection:
         return cls(aio)
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self.submit(fn)
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue `fn` for the connection's thread at once; its result comes to a future of
+        the running loop (any loop: the thread answers each call on its caller's loop).
+        Calls run one at a time, in the order they were submitted."""
         aio = self._aio
         if aio._connection is None or not aio._running:
             # What sqlite3 raises for a closed connection (aiosqlite raises ValueError), so the
             # store's one error translation covers it.
             raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
-        execute = cast(Callable[[Callable[[], T]], Awaitable[T]], aio._execute)
-        return await execute(lambda: fn(aio._conn))
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        aio._tx.put_nowait((future, lambda: fn(aio._conn)))
+        return future
 
     async def close(self) -> None:
         await self._aio.close()

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from flowcore._models import ArtifactVersion, PipelineRun, RunStatus, StepRun, StepStatus, encodable
 from flowcore.exceptions import RunNameConflictError
+from flowcore.stores._sqlite_inline import payload_of
 from flowcore.stores._sqlite_reads import ARTIFACT_COLUMNS, RUN_COLUMNS, STEP_COLUMNS, find_run_row
 from flowcore.stores._sqlite_schema import (
     encode_config,
@@ -165,10 +166,11 @@ def upsert_step_run(
         if artifacts:
             db.executemany(
                 f"INSERT OR IGNORE INTO artifacts ({ARTIFACT_COLUMNS}, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 # The hash is read here, off the loop: an in-memory artifact computes it.
                 [_row((a.id, a.name, a.uri, a.materializer, a.data_type, _content_hash(a), a.size,
-                       a.producer_step_run_id, a.python_version, to_iso(now))) for a in artifacts],
+                       a.producer_step_run_id, a.python_version, payload_of(a), to_iso(now)))
+                 for a in artifacts],
             )
             db.executemany(
                 "INSERT INTO step_outputs (step_run_id, output_name, artifact_id) "

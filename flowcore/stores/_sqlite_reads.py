@@ -37,7 +37,7 @@ STEP_COLUMNS = (
 )
 ARTIFACT_COLUMNS = (
     "id, name, uri, materializer, data_type, content_hash, size, producer_step_run_id, "
-    "python_version"
+    "python_version, content"
 )
 RUN_COLUMNS = ("id, name, pipeline_name, status, start_time, end_time, parameters, unlisted, "
                "resumed_from, source")
@@ -58,6 +58,7 @@ def _artifact_from_row(row: sqlite3.Row) -> ArtifactVersion:
         id=row["id"], name=row["name"], uri=row["uri"], materializer=row["materializer"],
         data_type=row["data_type"], content_hash=row["content_hash"], size=row["size"],
         producer_step_run_id=row["producer_step_run_id"], python_version=row["python_version"],
+        value=row["content"],  # an inline artifact's bytes (bound by the store), else None
     )
 
 

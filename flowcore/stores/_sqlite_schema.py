@@ -139,6 +139,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (pool, holder)
         )""",
     ),
+    # 6: the bytes of a small artifact kept inline, in its row (see _sqlite_inline); NULL for
+    # an artifact stored in the artifact store.
+    6: ("ALTER TABLE artifacts ADD COLUMN content BLOB",),
 }
 LATEST_VERSION = max(_MIGRATIONS)
 

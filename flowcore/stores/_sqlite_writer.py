@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -19,7 +21,12 @@ from typing import Any, TypeVar, cast
 from flowcore.stores._sqlite_commit import Connection, Pending, commit_batch, mark_retrieved, settle
 from flowcore.stores._sqlite_errors import StoreErrors
 
-__all__ = ["WriteQueue", "wake_in_chunks"]
+__all__ = ["QUEUES", "WriteQueue", "wake_in_chunks"]
+
+# Every write queue of this process, by database file: a read waits for the writes this
+# process queued on the same file before it (read-your-writes), whichever store object or
+# event loop queued them (a sync step body's Client has its own loop and store).
+QUEUES: dict[str, weakref.WeakSet[WriteQueue]] = {}
 
 # Waiters woken per turn of the event loop when a batch ends. Hundreds of runs waiting on one
 # group commit would otherwise all resume in the same loop iteration and, at a few hundred
@@ -68,6 +75,25 @@ class WriteQueue:
         # Measured, not guessed: how often the serving writer resumed; how many batches.
         self.wakeups = 0
         self.commits = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop writes are queued on
+        # Taking queued writes for a commit happens on our loop or, for a reader on another
+        # loop, on its thread (see steal): the queue's contents change under this lock only.
+        self._lock = threading.Lock()
+        self._steals = 0  # batches taken by readers of other loops, not yet committed
+
+    def register(self, path: str) -> None:
+        """List this queue among the queues of `path` (see caught_up)."""
+        QUEUES.setdefault(path, weakref.WeakSet()).add(self)
+
+    @property
+    def pending(self) -> bool:
+        """Whether some queued write is not yet committed."""
+        return self._committed < self._enqueued
+
+    async def settled(self) -> None:
+        """Wait until the writes queued before this call are committed (errors stay queued
+        for the next flush)."""
+        await self._until(self._enqueued)
 
     # -- queueing ---------------------------------------------------------------------------
 
@@ -80,36 +106,41 @@ class WriteQueue:
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         future.add_done_callback(mark_retrieved)
-        queued = self._queued_steps.get(step_key) if step_key else None
-        if queued is not None and queued.future is None and not queued.submitted:
-            queued.write = write
-            queued.future = future
-            pending = queued
-        else:
-            pending = Pending(write, future)
-            self._queue.append(pending)
-        self._enqueued += 1
+        with self._lock:
+            queued = self._queued_steps.get(step_key) if step_key else None
+            if queued is not None and queued.future is None and not queued.submitted:
+                queued.write = write
+                queued.future = future
+                pending = queued
+            else:
+                pending = Pending(write, future)
+                self._queue.append(pending)
+            self._enqueued += 1
         try:
             await self._until(self._enqueued)
             # Our write is in a committed batch, or in one whose thread settles it now.
             return cast(T, await future)
         except asyncio.CancelledError:
-            if not pending.submitted and pending in self._queue:
-                self._queue.remove(pending)  # it never reached the database
-                if step_key and self._queued_steps.get(step_key) is pending:
-                    del self._queued_steps[step_key]
+            with self._lock:
+                if not pending.submitted and pending in self._queue:
+                    self._queue.remove(pending)  # it never reached the database
+                    if step_key and self._queued_steps.get(step_key) is pending:
+                        del self._queued_steps[step_key]
             raise
 
     def record(self, step_key: str, write: Callable[[sqlite3.Connection], None]) -> None:
         """Queue a step-run write nobody awaits (the serving writer or a flush commits it)."""
-        self._enqueued += 1
-        queued = self._queued_steps.get(step_key)
-        if queued is not None and not queued.submitted:
-            queued.write = write  # newer state of the same step run (see write)
-            return
-        pending = Pending(write, None)
-        self._queue.append(pending)
-        self._queued_steps[step_key] = pending
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        with self._lock:
+            self._enqueued += 1
+            queued = self._queued_steps.get(step_key)
+            if queued is not None and not queued.submitted:
+                queued.write = write  # newer state of the same step run (see write)
+                return
+            pending = Pending(write, None)
+            self._queue.append(pending)
+            self._queued_steps[step_key] = pending
         self.poke()
 
     def poke(self) -> None:
@@ -126,8 +157,8 @@ class WriteQueue:
 
     async def drain(self) -> None:
         """Commit everything queued (before closing); errors stay for nobody."""
-        while self._queue or self._session is not None:
-            if self._session is None:
+        while self._queue or self._session is not None or self._steals:
+            if self._session is None and self._queue:
                 await self._commit(until=None)
             else:
                 await self._next_batch()
@@ -140,6 +171,9 @@ class WriteQueue:
         while self._committed < ticket:
             if self._session is None:
                 if not self._queue:
+                    if self._steals:  # taken by a reader of another loop: committed soon
+                        await self._next_batch()
+                        continue
                     return  # what remained was withdrawn by cancelled writers
                 await self._commit(until=ticket)
             else:
@@ -166,12 +200,9 @@ class WriteQueue:
         cancelled: asyncio.CancelledError | None = None
         try:
             while self._queue and (until is None or self._committed < until):
-                # A writer cancelled while queued has had its future cancelled: drop its write.
-                batch = [p for p in self._queue if p.future is None or not p.future.cancelled()]
-                self._queue = []
-                ticket = self._enqueued
+                batch, ticket, submitted = self._take()
                 if batch:
-                    cancelled = await self._commit_batch(batch) or cancelled
+                    cancelled = await self._commit_batch(batch, submitted) or cancelled
                     self.commits += 1
                 self._batch_done(ticket)
         finally:
@@ -181,18 +212,43 @@ class WriteQueue:
         if cancelled is not None:
             raise cancelled
 
-    async def _commit_batch(self, batch: list[Pending]) -> asyncio.CancelledError | None:
-        for pending in batch:
-            pending.submitted = True
-        self._queued_steps.clear()
+    def _take(self) -> tuple[list[Pending], int, asyncio.Future[None] | BaseException]:
+        """Take every queued write and hand them to the connection's thread as one batch:
+        (the batch, the ticket it commits up to, its commit's future or why it never ran).
+
+        Taking and handing over happen under the lock, so batches reach the connection's
+        thread, which runs them one after another, in the order their writes were queued;
+        also those a reader of another loop takes (see steal)."""
         db = self._connection()
-        try:
-            with self._errors("writing"):
+        with self._lock:
+            # A writer cancelled while queued has had its future cancelled: drop its write.
+            batch = [p for p in self._queue if p.future is None or not p.future.cancelled()]
+            self._queue = []
+            ticket = self._enqueued
+            for pending in batch:
+                pending.submitted = True
+            self._queued_steps.clear()
+            if not batch:
+                return batch, ticket, sqlite3.ProgrammingError("empty batch")
+            try:
                 if db is None:
                     raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
-                await db.run(partial(commit_batch, batch=batch, lost=self._lost.append,
-                                     translate=partial(self._errors.translate,
-                                                       operation="writing")))
+                return batch, ticket, db.submit(self._committer(batch))
+            except sqlite3.Error as exc:
+                return batch, ticket, exc
+
+    def _committer(self, batch: list[Pending]) -> Callable[[sqlite3.Connection], None]:
+        return partial(commit_batch, batch=batch, lost=self._lost.append,
+                       translate=partial(self._errors.translate, operation="writing"))
+
+    async def _commit_batch(self, batch: list[Pending],
+                            submitted: asyncio.Future[None] | BaseException,
+                            ) -> asyncio.CancelledError | None:
+        try:
+            with self._errors("writing"):
+                if isinstance(submitted, BaseException):
+                    raise submitted
+                await submitted
         except asyncio.CancelledError as exc:
             # The thread still commits this batch and settles its futures. Keep going:
             # writers queued behind us wait on us, not on a timer.
@@ -262,3 +318,4 @@ class WriteQueue:
                 await self._commit(until=None)
                 wake.clear()  # what woke us meanwhile is committed
             await tick()
+
