@@ -16,9 +16,16 @@ def answer() -> int:
     return 42
 
 
+@step(enable_cache=False)
+def blob() -> str:
+    return "b" * 5000  # over the inline limit: a file in the artifact store (small ones are
+    # kept in their metadata row)
+
+
 @pipeline
 def answer_pipeline() -> None:
     answer()
+    blob()
 
 
 def write(path: Path, text: str) -> Path:
@@ -62,7 +69,7 @@ def test_plain_paths_for_both_stores(tmp_path: Path) -> None:
     stack = Stack.from_urls(metadata=str(tmp_path / "db"), artifacts=str(tmp_path / "blobs"))
     run = answer_pipeline.with_options(stack=stack)()
     assert (tmp_path / "db" / "flowcore.db").is_file()
-    uri = Path(run.steps["answer"].output.uri).resolve()
+    uri = Path(run.steps["blob"].output.uri).resolve()
     assert uri.is_relative_to((tmp_path / "blobs").resolve())
     runs_and_reloads(stack, Stack.from_urls(metadata=str(tmp_path / "db"),
                                             artifacts=f"file://{tmp_path / 'blobs'}"))
