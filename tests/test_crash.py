@@ -1,7 +1,10 @@
 """A run whose process is SIGKILLed mid-run: it is found CRASHED later, and a re-run reuses every
-step that had completed."""
+step that had completed; on SQLite + local files and on Postgres + S3 (where the crash is told by
+the lapsed heartbeat alone)."""
 
+import asyncio
 import importlib.util
+import json
 import os
 import signal
 import sqlite3
@@ -19,7 +22,7 @@ from flowcore import Client, RunStatus, Stack, StepStatus
 REPO = Path(__file__).resolve().parents[1]
 
 CRASH_SCRIPT = '''
-import os, sys, time
+import json, os, sys, time
 import flowcore
 from flowcore import Stack, pipeline, step
 
@@ -67,7 +70,9 @@ def crashy():
 
 
 if __name__ == "__main__":
-    flowcore.set_active_stack(Stack.local(os.environ["STACK_PATH"]))
+    flowcore.set_active_stack(Stack.from_urls(
+        metadata=os.environ["STACK_METADATA"], artifacts=os.environ["STACK_ARTIFACTS"],
+        storage_options=json.loads(os.environ["STACK_OPTIONS"]) or None))
     run = crashy.with_options(run_name=sys.argv[1])()
     print(run.status.value, " ".join(f"{k}={s.status.value}" for k, s in run.steps.items()))
 '''
@@ -75,18 +80,43 @@ if __name__ == "__main__":
 STEPS = ["s1", "s2", "s3", "s4", "s5"]
 
 
-class Crash:
-    """Paths of one crash scenario: the stack, the marker directory and the script."""
+HEARTBEAT_TIMEOUT = 1.5  # Postgres: how long a killed run's heartbeat takes to lapse
 
-    def __init__(self, tmp_path: Path) -> None:
+
+class Crash:
+    """One crash scenario: the stores (SQLite + local files, or Postgres + S3), the marker
+    directory and the script."""
+
+    def __init__(self, tmp_path: Path, request: pytest.FixtureRequest | None = None) -> None:
+        self.kind = getattr(request, "param", "sqlite")
         self.stack_path = tmp_path / "stack"
+        if self.kind == "sqlite":
+            self.metadata, self.artifacts = str(self.stack_path), str(self.stack_path / "artifacts")
+            self.options: dict[str, Any] = {}
+        else:
+            assert request is not None
+            shared = request.getfixturevalue("shared_stores")
+            self.metadata = f"{shared.metadata}?heartbeat_timeout={HEARTBEAT_TIMEOUT}"
+            self.artifacts, self.options = shared.artifacts, shared.storage_options
         self.marks = tmp_path / "marks"
         self.marks.mkdir()
         self.script = tmp_path / "crash_pipeline.py"
         self.script.write_text(CRASH_SCRIPT)
 
+    def stack(self) -> Stack:
+        """A new stack on the scenario's stores."""
+        return Stack.from_urls(metadata=self.metadata, artifacts=self.artifacts,
+                               storage_options=self.options or None)
+
+    def lapse(self) -> None:
+        """Wait until a killed run's heartbeat has lapsed (nothing to wait for on SQLite,
+        where the dead pid tells at once)."""
+        if self.kind != "sqlite":
+            time.sleep(HEARTBEAT_TIMEOUT + 0.5)
+
     def env(self, slow: bool) -> dict[str, str]:
-        return {**os.environ, "STACK_PATH": str(self.stack_path), "MARKS": str(self.marks),
+        return {**os.environ, "STACK_METADATA": self.metadata, "STACK_ARTIFACTS": self.artifacts,
+                "STACK_OPTIONS": json.dumps(self.options), "MARKS": str(self.marks),
                 "SLOW": "1" if slow else "0", "PYTHONPATH": str(REPO)}
 
     def runs_of(self, step_name: str) -> int:
@@ -123,10 +153,30 @@ class Crash:
 
     def raw_run_status(self, run_name: str) -> str:
         """The run's status as stored, read without flowcore (which would mark crashes)."""
-        with sqlite3.connect(self.stack_path / "flowcore.db") as db:
-            row = db.execute("SELECT status FROM runs WHERE name = ?", (run_name,)).fetchone()
+        if self.kind == "sqlite":
+            with sqlite3.connect(self.stack_path / "flowcore.db") as db:
+                row = db.execute("SELECT status FROM runs WHERE name = ?", (run_name,)).fetchone()
+        else:
+            row = asyncio.run(_postgres_row(self.metadata.split("?")[0],
+                                            "SELECT status FROM runs WHERE name = $1", run_name))
         assert row is not None, f"no run {run_name!r} stored"
         return str(row[0])
+
+
+async def _postgres_row(url: str, query: str, *args: Any) -> Any:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchrow(query, *args)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres+s3"])
+def crash(request: pytest.FixtureRequest, tmp_path: Path) -> Crash:
+    """A crash scenario on each durable pair of stores."""
+    return Crash(tmp_path, request)
 
 
 def _load_script_module(crash: Crash, monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -140,19 +190,20 @@ def _load_script_module(crash: Crash, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def test_killed_run_reads_crashed_and_rerun_reuses_completed_steps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    crash: Crash, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """After SIGKILL mid-step, the store opens, the client reads the run CRASHED, and an
     in-process re-run reuses s1..s3 (CACHED) and runs s4 and s5."""
-    crash = Crash(tmp_path)
     crash.start_and_kill("doomed")
     assert [crash.runs_of(s) for s in STEPS] == [1, 1, 1, 1, 0]
     assert crash.raw_run_status("doomed") == "running"
 
-    with sqlite3.connect(crash.stack_path / "flowcore.db") as db:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    if crash.kind == "sqlite":
+        with sqlite3.connect(crash.stack_path / "flowcore.db") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
-    stack = Stack.local(crash.stack_path)
+    crash.lapse()
+    stack = crash.stack()
     run = Client(stack).get_pipeline_run("doomed")
     assert run.status is RunStatus.CRASHED
     assert {k: run.steps[k].status for k in ("s1", "s2", "s3")} == {
@@ -176,12 +227,12 @@ def test_killed_run_reads_crashed_and_rerun_reuses_completed_steps(
     assert Client(stack).get_pipeline_run("doomed").status is RunStatus.CRASHED
 
 
-def test_next_run_on_the_store_marks_an_orphaned_run_crashed(tmp_path: Path) -> None:
+def test_next_run_on_the_store_marks_an_orphaned_run_crashed(crash: Crash) -> None:
     """A second run in another process marks the killed run CRASHED by itself (no client
     involved) and reuses its completed steps."""
-    crash = Crash(tmp_path)
     crash.start_and_kill("orphan")
     assert crash.raw_run_status("orphan") == "running"
+    crash.lapse()
 
     out = crash.rerun_in_subprocess("successor")
     assert out == ("completed s1=cached s2=cached s3=cached s4=completed s5=completed"), out
@@ -190,12 +241,12 @@ def test_next_run_on_the_store_marks_an_orphaned_run_crashed(tmp_path: Path) -> 
     assert [crash.runs_of(s) for s in STEPS] == [1, 1, 1, 2, 1]
 
 
-def test_steps_of_a_crashed_run_are_not_left_running(tmp_path: Path) -> None:
+def test_steps_of_a_crashed_run_are_not_left_running(crash: Crash) -> None:
     """Once a run is found CRASHED, none of its steps still reads RUNNING or PENDING (nothing
     runs them any more; fine point 9 shows RUNNING only while a step is)."""
-    crash = Crash(tmp_path)
     crash.start_and_kill("halted")
-    run = Client(Stack.local(crash.stack_path)).get_pipeline_run("halted")
+    crash.lapse()
+    run = Client(crash.stack()).get_pipeline_run("halted")
     assert run.status is RunStatus.CRASHED
     assert run.steps["s1"].status is StepStatus.COMPLETED
     left = {k: s.status for k, s in run.steps.items()
