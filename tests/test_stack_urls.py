@@ -157,7 +157,7 @@ async def test_heartbeat_timeout_parameter_reaches_the_store(tmp_path: Path) -> 
     stack = Stack.from_urls(metadata=f"sqlite:///{tmp_path}/x.db?heartbeat_timeout=5")
     store = await stack.metadata_store()
     try:
-        assert getattr(store, "_stale_after").total_seconds() == 5
+        assert store._stale_after.total_seconds() == 5  # type: ignore[attr-defined]
         assert (tmp_path / "x.db").is_file()
     finally:
         await stack.close()
