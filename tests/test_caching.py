@@ -66,12 +66,17 @@ class ReprDictMaterializer(Materializer):
 # -- stacks ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "sqlite", "default"])
+@pytest.fixture(params=["memory", "sqlite", "default", "postgres+s3"])
 def any_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
-    """The in-memory stack, a SQLite stack at a tmp path, or the default stack under
-    $FLOWCORE_HOME (no stack set)."""
+    """The in-memory stack, a SQLite stack at a tmp path, the default stack under
+    $FLOWCORE_HOME (no stack set), or Postgres + S3 on the session's servers."""
     if request.param == "memory":
         s = Stack.in_memory()
+        flowcore.set_active_stack(s)
+    elif request.param == "postgres+s3":
+        shared = request.getfixturevalue("shared_stores")
+        s = Stack.from_urls(metadata=shared.metadata, artifacts=shared.artifacts,
+                            storage_options=shared.storage_options)
         flowcore.set_active_stack(s)
     elif request.param == "sqlite":
         s = Stack.local(tmp_path / "stack")
