@@ -1,12 +1,15 @@
-"""Several processes running pipelines on one SQLite store: no lost rows, no lock errors, one
-winner per run name, and status changes visible from another process while a run goes on."""
+"""Several processes running pipelines on one store (SQLite + local files, or Postgres + S3): no
+lost rows, no lock errors, one winner per run name, and status changes visible from another
+process while a run goes on."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,12 +18,14 @@ from flowcore import Client, PipelineRun, RunStatus, Stack, StepStatus
 REPO = Path(__file__).resolve().parents[1]
 
 COMMON = '''
-import asyncio, logging, os, sys, time
+import asyncio, json, logging, os, sys, time
 import flowcore
 from flowcore import Stack, StepRetryConfig, pipeline, step, unmapped
 
 flowcore.enable_console_logging(logging.WARNING)
-flowcore.set_active_stack(Stack.local(os.environ["STACK_PATH"]))
+flowcore.set_active_stack(Stack.from_urls(
+    metadata=os.environ["STACK_METADATA"], artifacts=os.environ["STACK_ARTIFACTS"],
+    storage_options=json.loads(os.environ["STACK_OPTIONS"]) or None))
 MARKS = os.environ["MARKS"]
 
 
@@ -139,16 +144,24 @@ print(run.status.value)
 
 
 class Workspace:
-    """A shared stack path, a marker directory and the scripts' environment."""
+    """The shared stores, a marker directory and the scripts' environment."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, request: pytest.FixtureRequest) -> None:
         self.tmp = tmp_path
-        self.stack_path = tmp_path / "stack"
+        if request.param == "sqlite":
+            stack_path = tmp_path / "stack"
+            self.metadata, self.artifacts = str(stack_path), str(stack_path / "artifacts")
+            self.options: dict[str, Any] = {}
+        else:
+            shared = request.getfixturevalue("shared_stores")
+            self.metadata, self.artifacts = shared.metadata, shared.artifacts
+            self.options = shared.storage_options
         self.marks = tmp_path / "marks"
         self.marks.mkdir()
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {**os.environ, "STACK_PATH": str(self.stack_path), "MARKS": str(self.marks),
+        return {**os.environ, "STACK_METADATA": self.metadata, "STACK_ARTIFACTS": self.artifacts,
+                "STACK_OPTIONS": json.dumps(self.options), "MARKS": str(self.marks),
                 "PYTHONPATH": str(REPO), **extra}
 
     def spawn(self, name: str, source: str, *args: str, **env: str) -> subprocess.Popen[str]:
@@ -172,7 +185,14 @@ class Workspace:
             time.sleep(0.02)
 
     def client(self) -> Client:
-        return Client(Stack.local(self.stack_path))
+        return Client(Stack.from_urls(metadata=self.metadata, artifacts=self.artifacts,
+                                      storage_options=self.options or None))
+
+
+@pytest.fixture(params=["sqlite", "postgres+s3"])
+def ws(request: pytest.FixtureRequest, tmp_path: Path) -> Workspace:
+    """A workspace on each durable pair of stores."""
+    return Workspace(tmp_path, request)
 
 
 def _finish(procs: list[subprocess.Popen[str]], timeout: float = 120.0) -> list[tuple[int, str, str]]:
@@ -194,10 +214,9 @@ ROUNDS, PER_ROUND, WORKERS = 2, 3, 4
 STEPS_PER_RUN = 1 + 6 + 1 + 1 + 4  # shared_setup, work_0..5, total, square, square[0..3]
 
 
-def test_four_processes_running_pipelines_lose_nothing(tmp_path: Path) -> None:
+def test_four_processes_running_pipelines_lose_nothing(ws: Workspace) -> None:
     """Four processes, each running concurrent fan-out runs on one SQLite store, all succeed
     with no 'database is locked', and every run and step row is stored."""
-    ws = Workspace(tmp_path)
     tags = [f"w{i}" for i in range(WORKERS)]
     procs = [ws.spawn("busy", BUSY, tag, str(ROUNDS), str(PER_ROUND)) for tag in tags]
     try:
@@ -233,10 +252,9 @@ def test_four_processes_running_pipelines_lose_nothing(tmp_path: Path) -> None:
 # -- racing for one run name ----------------------------------------------------------------
 
 
-def test_two_processes_racing_for_one_run_name(tmp_path: Path) -> None:
+def test_two_processes_racing_for_one_run_name(ws: Workspace) -> None:
     """Of two processes starting a run with the same explicit name at once, exactly one runs;
     the other fails with RunNameConflictError before any of its steps ran."""
-    ws = Workspace(tmp_path)
     procs = [ws.spawn("race", RACE, tag, TAG=tag) for tag in ("left", "right")]
     try:
         ws.wait_for_marks(["ready-left", "ready-right"], procs)
@@ -279,10 +297,9 @@ def _poll_run(client: Client, name: str, until, timeout: float = 60.0) -> Pipeli
     pytest.fail(f"run {name!r} never reached the expected state; last seen: {last!r}")
 
 
-def test_running_statuses_visible_from_another_process(tmp_path: Path) -> None:
+def test_running_statuses_visible_from_another_process(ws: Workspace) -> None:
     """While a step blocks in another process, this process's client sees the run RUNNING,
     that step RUNNING and its finished upstream COMPLETED; then the run completes."""
-    ws = Workspace(tmp_path)
     proc = ws.spawn("watched", WATCHED, "observed", "0", DELAY="0")
     try:
         ws.wait_for_marks(["blocking"], [proc])
@@ -304,10 +321,9 @@ def test_running_statuses_visible_from_another_process(tmp_path: Path) -> None:
     assert done.steps["blocker"].status is StepStatus.COMPLETED
 
 
-def test_retrying_status_visible_from_another_process(tmp_path: Path) -> None:
+def test_retrying_status_visible_from_another_process(ws: Workspace) -> None:
     """During a long retry delay in another process, this process's client sees the step
     RETRYING (with its first error) while the run is RUNNING; later COMPLETED after 2 tries."""
-    ws = Workspace(tmp_path)
     proc = ws.spawn("watched", WATCHED, "retried", "1", DELAY="6")
     try:
         ws.wait_for_marks(["flaky-attempt", "blocking"], [proc])
