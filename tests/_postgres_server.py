@@ -19,12 +19,13 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-__all__ = ["PostgresServer", "create_database", "postgres_server", "postgres_url"]
+__all__ = ["PostgresServer", "create_database", "postgres_server", "postgres_url", "running_postgres"]
 
 _MISSING = "PostgreSQL server binaries not found: apt-get install postgresql"
 _counter = itertools.count()
@@ -82,12 +83,13 @@ def create_database(server: PostgresServer, name: str) -> str:
     return server.url(name)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """A PostgreSQL cluster started for this test session, on 127.0.0.1 and a free port."""
+@contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """A private PostgreSQL cluster on 127.0.0.1 and a free port for as long as the block
+    runs (also used by the benchmarks). Raises RuntimeError when it cannot start."""
     bin_dir = _bin_dir()
     if bin_dir is None:
-        pytest.skip(_MISSING)
+        raise RuntimeError(_MISSING)
     # Not under pytest's tmp_path: its parents are private to root, and the server user must
     # reach its data directory.
     root = Path(tempfile.mkdtemp(prefix="flowcore-pg-"))
@@ -120,6 +122,15 @@ def postgres_server() -> Iterator[PostgresServer]:
                                             "immediate", "-w", "stop"]),
                            capture_output=True, timeout=60, check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster started for this test session, on 127.0.0.1 and a free port."""
+    if _bin_dir() is None:
+        pytest.skip(_MISSING)
+    with running_postgres() as server:
+        yield server
 
 
 @pytest.fixture
