@@ -22,6 +22,7 @@ import flowcore
 from flowcore import Client, RunStatus, Stack, StepStatus, pipeline, step
 from flowcore._models import PipelineRun, StepRun, StepRunConfig
 from flowcore.stores._base import MetadataStore
+from flowcore.stores._local import LocalArtifactStore
 from flowcore.stores._sqlite import SqliteMetadataStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -474,3 +475,34 @@ async def test_cancel_of_a_run_live_in_this_process(stack: Stack) -> None:
     run = await handle
     assert run.status is RunStatus.STOPPED
     assert await AsyncClient(stack).cancel_run("here") is RunStatus.STOPPED  # finished: as is
+
+
+async def test_a_request_merged_while_the_older_one_is_delivered_is_not_dropped(
+    tmp_path: Path,
+) -> None:
+    """A stop asked after a drain request was read but before it was dropped survives the
+    drop (it is a new request) and is delivered next."""
+    import sqlite3
+
+    from flowcore.stores import _sqlite_control as control
+
+    store = SqliteMetadataStore(tmp_path / "flowcore.db", LocalArtifactStore(tmp_path / "a"))
+    await store.open()
+    try:
+        run = make_run("r-merged")
+        await store.create_run(run)
+        assert await store.request_cancel(run.id, drain=True) is RunStatus.RUNNING
+        with sqlite3.connect(tmp_path / "flowcore.db") as db:
+            db.row_factory = sqlite3.Row
+            taken = control.pending_cancels(db, [run.id])
+        assert [(r, d) for r, d, _ in taken] == [(run.id, True)]
+        await asyncio.sleep(0.01)  # a later request time
+        assert await store.request_cancel(run.id, drain=False) is RunStatus.RUNNING
+        with sqlite3.connect(tmp_path / "flowcore.db") as db:
+            db.row_factory = sqlite3.Row
+            control.drop_cancels(db, taken)
+            left = control.pending_cancels(db, [run.id])
+        assert [(r, d) for r, d, _ in left] == [(run.id, False)]
+        await finish(store, run, RunStatus.STOPPED)
+    finally:
+        await store.close()

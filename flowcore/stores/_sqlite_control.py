@@ -72,7 +72,10 @@ def request_cancel(db: sqlite3.Connection, name_or_id: str, drain: bool, *, live
         return row["id"], RunStatus.CRASHED
     db.execute(
         "INSERT INTO cancel_requests (run_id, drain, requested_at) VALUES (?, ?, ?) "
-        "ON CONFLICT(run_id) DO UPDATE SET drain = MIN(drain, excluded.drain)",
+        # A merged request is a new one: its new time keeps drop_cancels() from deleting it
+        # when it lands after the older one was read but before that was dropped.
+        "ON CONFLICT(run_id) DO UPDATE SET drain = MIN(drain, excluded.drain), "
+        "requested_at = excluded.requested_at",
         (row["id"], int(drain), to_iso(live.now)),
     )
     return row["id"], RunStatus.RUNNING
