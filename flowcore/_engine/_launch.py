@@ -22,6 +22,7 @@ from flowcore._models import PipelineRun, RunStatus, StepRun, StepStatus
 from flowcore.config import ExecutionMode
 from flowcore.exceptions import ConfigError, FlowcoreError, RunStateError
 from flowcore.stack import Stack, get_active_stack
+from flowcore.stores._sqlite_catchup import reads_wait_for_own_writes
 
 if TYPE_CHECKING:
     from flowcore._pipeline import Pipeline
@@ -214,6 +215,9 @@ def _in_own_loop(make: Callable[[], Awaitable[T]]) -> T:
     result: concurrent.futures.Future[T] = concurrent.futures.Future()
 
     def target() -> None:
+        # The caller's loop is blocked until this returns: reads here must not wait for
+        # writes queued on it (see stores/_sqlite_catchup).
+        reads_wait_for_own_writes.set(False)
         try:
             result.set_result(asyncio.run(_awaited(make)))
         except BaseException as exc:

@@ -202,11 +202,13 @@ class SqliteMetadataStore(MetadataStore):
         await self._connection()
         return await self._writes.write(write, step_key)
 
-    async def _read(self, read: Callable[[sqlite3.Connection], T]) -> T:
+    async def _read(self, read: Callable[[sqlite3.Connection], T], *, own_writes: bool = True) -> T:
         db = await self._connection()
-        # Steps' rows are committed behind their dependents' start: a read sees what this
-        # process queued before it, as if every write had been awaited.
-        await caught_up(str(self.path))
+        if own_writes:
+            # Steps' rows are committed behind their dependents' start: a read sees what this
+            # process queued before it, as if every write had been awaited. (Not for the
+            # writer's own tick: waiting for its queue there would wait for itself.)
+            await caught_up(str(self.path))
         with self._errors("reading"):
             return await db.run(partial(reads.read_snapshot, read=read))
 
@@ -303,7 +305,7 @@ class SqliteMetadataStore(MetadataStore):
 
     async def _deliver_cancels(self) -> None:
         found = await self._read(partial(control.pending_cancels,
-                                         run_ids=self._cancel_watchers.ids()))
+                                         run_ids=self._cancel_watchers.ids()), own_writes=False)
         if not found:
             return
         # Deleted before delivery: a request is delivered once, even if we are cancelled here.

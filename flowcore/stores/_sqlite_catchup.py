@@ -12,11 +12,18 @@ connection thread itself, behind any batch in flight, and waits for their commit
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import sqlite3
 
 from flowcore.stores._sqlite_writer import QUEUES, WriteQueue
 
-__all__ = ["caught_up", "steal"]
+__all__ = ["caught_up", "reads_wait_for_own_writes", "steal"]
+
+# False on a lookup thread whose caller's loop is blocked waiting for it (a sync submit()
+# resolving resume_from from inside a running loop): handing over, or waiting for, writes
+# queued on that blocked loop has been seen to deadlock; its reads may be a little behind.
+reads_wait_for_own_writes: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "flowcore_reads_wait_for_own_writes", default=True)
 
 
 def steal(queue: WriteQueue) -> tuple[asyncio.Future[None], int] | None:
@@ -60,6 +67,8 @@ async def caught_up(path: str) -> None:
     keeps a read through any client of this process (one awaited on the run's loop, or a sync
     Client, on a loop of its own) from missing the upstream row.
     """
+    if not reads_wait_for_own_writes.get():
+        return
     here = asyncio.get_running_loop()
     for queue in list(QUEUES.get(path, ())):
         if not queue.pending:
