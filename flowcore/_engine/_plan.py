@@ -31,7 +31,7 @@ from flowcore.exceptions import (
 from flowcore.stack import Stack
 from flowcore.typing import Clock
 
-__all__ = ["NodePlan", "RunPlan", "prepare_run"]
+__all__ = ["NodePlan", "RunPlan", "new_run", "prepare_run"]
 
 _SYSTEM_CLOCK = SystemClock()
 
@@ -194,6 +194,22 @@ def _bind_plans(graph: Graph, stack: Stack) -> list[NodePlan]:
     return plans
 
 
+def new_run(pipeline_name: str, run_name: str | None,
+            substitutions: Mapping[str, str] | None, *, unlisted: bool = False) -> PipelineRun:
+    """A new run record, named and timed now, with no steps yet."""
+    now = utcnow()
+    run_id = new_id()
+    name = format_run_name(
+        run_name or DEFAULT_RUN_NAME,
+        pipeline_name=pipeline_name,
+        run_id=run_id,
+        now=now,
+        substitutions=substitutions,
+    )
+    return PipelineRun(id=run_id, name=name, pipeline_name=pipeline_name, start_time=now,
+                       unlisted=unlisted)
+
+
 def prepare_run(
     graph: Graph,
     *,
@@ -208,8 +224,12 @@ def prepare_run(
     capture_logs: bool = True,
     timeout: float | None = None,
     resume: Mapping[str, StepRun] | None = None,
+    run: PipelineRun | None = None,
 ) -> RunPlan:
     """Check everything that can be checked without running a step, and name the run.
+
+    `run` is a record made earlier (`new_run`: a background run's handle exists before its
+    plan); its steps are filled in here.
 
     Raises:
         PipelineDefinitionError, ConfigError, MaterializerError: before any step runs.
@@ -220,23 +240,10 @@ def prepare_run(
         raise ConfigError(
             f"pipeline '{graph.pipeline_name}': max_concurrency must be >= 1, not {max_concurrency}"
         )
-    now = utcnow()
-    run_id = new_id()
-    name = format_run_name(
-        run_name or DEFAULT_RUN_NAME,
-        pipeline_name=graph.pipeline_name,
-        run_id=run_id,
-        now=now,
-        substitutions=substitutions,
-    )
-    run = PipelineRun(
-        id=run_id,
-        name=name,
-        pipeline_name=graph.pipeline_name,
-        start_time=now,
-        parameters=graph.parameters,
-        unlisted=unlisted,
-    )
+    if run is None:
+        run = new_run(graph.pipeline_name, run_name, substitutions, unlisted=unlisted)
+    run.parameters = dict(graph.parameters)
+    run_id = run.id
     steps = run.steps
     nodes = graph.nodes
     for node in nodes:
