@@ -7,6 +7,7 @@ arrive later. Both happen before a run is recorded.
 
 from __future__ import annotations
 
+import functools
 import string
 from collections.abc import Mapping
 from datetime import datetime
@@ -19,8 +20,10 @@ DEFAULT_RUN_NAME = "{pipeline_name}-{date}-{time}"
 BUILTIN_PLACEHOLDERS = ("date", "time", "pipeline_name", "run_id")
 
 
-def _fields(template: str) -> list[str]:
-    """The placeholder names of a template; ValueError for anything but plain `{name}`."""
+@functools.lru_cache(maxsize=256)
+def _fields(template: str) -> tuple[str, ...]:
+    """The placeholder names of a template; ValueError for anything but plain `{name}`.
+    (Cached: a service names a run per request, nearly always from the same template.)"""
     names = []
     try:
         parsed = list(string.Formatter().parse(template))
@@ -37,7 +40,7 @@ def _fields(template: str) -> list[str]:
             shown = f"{{{field}}}"
             raise ValueError(f"placeholder '{shown}' is not a plain name")
         names.append(field)
-    return names
+    return tuple(names)
 
 
 def run_name_problem(template: str) -> str | None:
@@ -70,22 +73,24 @@ def format_run_name(
         ConfigError: the template is not valid (a lone brace, a format spec, a conversion) or
             names a placeholder nobody provides.
     """
-    values: dict[str, str] = {
-        "date": now.strftime("%Y_%m_%d"),
-        "time": now.strftime("%H_%M_%S_%f"),
-        "pipeline_name": pipeline_name,
-        "run_id": run_id,
-    }
-    if substitutions:
-        values.update({str(k): str(v) for k, v in substitutions.items()})
-    where = f"pipeline '{pipeline_name}'"
     try:
         fields = _fields(template)
     except ValueError as exc:
-        raise ConfigError(f"{where}: run name '{template}' is not a valid template: {exc}") from None
+        raise ConfigError(f"pipeline '{pipeline_name}': run name '{template}' is not a valid "
+                          f"template: {exc}") from None
+    values: dict[str, str] = {"pipeline_name": pipeline_name, "run_id": run_id}
+    # Formatted only when used (strftime is most of the cost of naming a run).
+    if "date" in fields:
+        values["date"] = f"{now.year:04d}_{now.month:02d}_{now.day:02d}"
+    if "time" in fields:
+        values["time"] = (f"{now.hour:02d}_{now.minute:02d}_{now.second:02d}_"
+                          f"{now.microsecond:06d}")
+    if substitutions:
+        values.update({str(k): str(v) for k, v in substitutions.items()})
+    where = f"pipeline '{pipeline_name}'"
     for field in fields:
-        if field not in values:
-            known = ", ".join(sorted(values))
+        if field not in values and field not in BUILTIN_PLACEHOLDERS:
+            known = ", ".join(sorted({*BUILTIN_PLACEHOLDERS, *values}))
             raise ConfigError(
                 f"run name '{template}' of {where} uses placeholder "
                 f"'{{{field}}}', which is not one of: {known}; add it with "

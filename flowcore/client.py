@@ -107,7 +107,7 @@ class AsyncClient:
         if live is not None:
             # Run by this process: stop it directly and wait until its record is final.
             live.request_stop(drain)
-            await asyncio.wrap_future(live.done)
+            await stack.live_runs.finished(live)
             return (await store.get_run(run.id)).status
         status = await store.request_cancel(run.id, drain)
         deadline = time.monotonic() + _CANCEL_WAIT

@@ -7,13 +7,24 @@ import concurrent.futures
 import threading
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from flowcore import events
+from flowcore._engine._lifecycle import end_unrecorded
 from flowcore._engine._plan import RunPlan
 from flowcore._engine._run import execute, finish_regardless, record_unstarted
 from flowcore._models import PipelineRun, RunStatus
 from flowcore.exceptions import FlowcoreError, RunFailedError
+
+
+class PendingStart(Protocol):
+    """A submitted run whose plan is not made yet (`_submit.PendingStart`)."""
+
+    plan: RunPlan | None
+
+    def request_stop(self, drain: bool = False) -> None: ...
+
+    async def record_stopped(self) -> None: ...
 
 __all__ = ["RunHandle", "execute_owned"]
 
@@ -38,35 +49,52 @@ class RunHandle:
 
     def __init__(
         self,
-        plan: RunPlan,
+        plan: RunPlan | None = None,
         *,
+        run: PipelineRun | None = None,
+        pending: PendingStart | None = None,
         task: asyncio.Task[PipelineRun] | None = None,
         future: concurrent.futures.Future[PipelineRun] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         thread_task: asyncio.Task[Any] | None = None,
     ) -> None:
+        # A submitted run's handle exists before its plan (see _submit): `run` is its record,
+        # `pending` reaches it until the plan is made.
         self._plan = plan
+        record = plan.run if plan is not None else run
+        assert record is not None
+        self._run = record
+        self._pending = pending
         self._task = task
         self._future = future
         self._loop = loop
         self._thread_task = thread_task
 
+    def attach(self, task: asyncio.Task[PipelineRun]) -> None:
+        self._task = task
+
+    def _made_plan(self) -> RunPlan | None:
+        """The run's plan, if it is made (a submitted run's comes after its handle)."""
+        if self._plan is None and self._pending is not None:
+            self._plan = self._pending.plan
+        return self._plan
+
     @property
     def run_name(self) -> str:
-        return self._plan.run.name
+        return self._run.name
 
     @property
     def run_id(self) -> str:
-        return self._plan.run.id
+        return self._run.id
 
     @property
     def run(self) -> PipelineRun:
         """The live run record (its status and steps change while it runs)."""
-        return self._plan.run
+        return self._run
 
     @property
     def status(self) -> RunStatus:
-        return self._plan.run.status
+        return self._run.status
 
     def done(self) -> bool:
         if self._task is not None:
@@ -89,24 +117,33 @@ class RunHandle:
             except asyncio.CancelledError:
                 if self._task.cancelled() and _current_task_not_cancelling():
                     await self._settle_unstarted()
-                    return self._plan.run
+                    return self._run
                 raise
         assert self._future is not None
         return await asyncio.wrap_future(self._future)
 
     async def _settle_unstarted(self) -> None:
-        if self._plan.started:
+        plan = self._made_plan()
+        if plan is None:
+            if self._pending is not None:  # a submitted run cancelled before its plan
+                await self._pending.record_stopped()
+            end_unrecorded(self._run, RunStatus.STOPPED)  # no plan: ends in the handle only
             return
-        self._plan.started = True  # recorded once, by whoever notices first
-        await finish_regardless(record_unstarted(self._plan))
+        if plan.started:
+            return
+        plan.started = True  # recorded once, by whoever notices first
+        await finish_regardless(record_unstarted(plan))
 
     async def cancel(self) -> PipelineRun:
         """Stop the run now; returns it once every step task has ended (status STOPPED)."""
         if self._task is not None:
-            self._task.cancel()
+            if self._made_plan() is None and self._pending is not None:
+                self._pending.request_stop()  # no plan yet: it is made, and recorded STOPPED
+            else:
+                self._task.cancel()
             await asyncio.wait({self._task})
             await self._settle_unstarted()
-            return self._plan.run
+            return self._run
         assert self._loop is not None and self._future is not None
         if self._thread_task is not None:
             try:
@@ -117,12 +154,12 @@ class RunHandle:
             await asyncio.wrap_future(self._future)
         except (asyncio.CancelledError, RunFailedError):
             pass
-        return self._plan.run
+        return self._run
 
     async def events(self) -> AsyncIterator[events.Event]:
         """The run's events, from the first (those that already happened are rebuilt from its
         record and come first) to `RunFinished`, after which the iteration ends."""
-        run = self._plan.run
+        run = self._run
         loop = asyncio.get_running_loop()
         thread = threading.get_ident()
         queue: asyncio.Queue[events.Event] = asyncio.Queue()
@@ -140,7 +177,12 @@ class RunHandle:
 
         # Snapshot and subscription with no await between them: nothing is missed, and what
         # the snapshot already told is not told twice (see `seen`).
-        past = _events_so_far(run, self._plan.started)
+        plan = self._made_plan()
+        if plan is None and run.status.is_finished:  # ended before it had a plan
+            past: list[events.Event] = [events.RunFinished(
+                run.id, run.name, run.status.value, run.end_time or run.start_time)]
+        else:
+            past = _events_so_far(run, plan is not None and plan.started)
         unsubscribe = events.subscribe(on_event)
         seen = {_identity(e) for e in past}
         try:
@@ -169,7 +211,7 @@ class RunHandle:
         try:
             return self._future.result(timeout)
         except concurrent.futures.CancelledError:
-            return self._plan.run
+            return self._run
 
 
 def _identity(event: events.Event) -> tuple[object, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -18,8 +19,10 @@ from flowcore._engine._invocation import loaded_values
 from flowcore._engine._outputs import output_value
 from flowcore._engine._plan import RunPlan, prepare_run
 from flowcore._engine._run import execute
+from flowcore._engine._submit import BACKGROUND, check_call, submit_later
 from flowcore._models import PipelineRun, RunStatus, StepRun, StepStatus
-from flowcore.config import ExecutionMode
+from flowcore._threads import max_threads
+from flowcore.config import ExecutionMode, RunConfigFile
 from flowcore.exceptions import ConfigError, FlowcoreError, RunStateError
 from flowcore.stack import Stack, get_active_stack
 from flowcore.stores._sqlite_catchup import reads_wait_for_own_writes
@@ -40,9 +43,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-# Strong references to background runs (the loop keeps only weak ones); each is owned by the
-# RunHandle returned to the caller, who awaits or cancels it.
-_BACKGROUND: set[asyncio.Task[PipelineRun]] = set()
 
 
 def ensure_no_running_loop(what: str, instead: str) -> None:
@@ -68,7 +68,8 @@ def ensure_no_running_loop(what: str, instead: str) -> None:
 
 def plan_pipeline_run(
     pipeline: Pipeline, args: tuple[Any, ...], params: Mapping[str, Any],
-    original: PipelineRun | None = None,
+    original: PipelineRun | None = None, run: PipelineRun | None = None,
+    resolved: tuple[dict[str, Any], RunConfigFile | None] | None = None,
 ) -> tuple[RunPlan, Mapping[str, Any]]:
     """Compile, resolve and check everything before a run is recorded.
 
@@ -77,22 +78,13 @@ def plan_pipeline_run(
     """
     from flowcore._pipeline import _mode
 
-    options, run_config = pipeline._resolved_options()
+    options, run_config = resolved or pipeline._resolved_options()
     where = f"pipeline '{pipeline.name}'"
     if original is not None and not args and not params:
         params = original.parameters  # a resumed run reuses the original's parameters
     graph = pipeline._compile(options, run_config, args, params)
     chosen = _stack_of(pipeline)
-    settings = options.get("settings") or {}
-    orch = settings.get("orchestrator") or {}
-    if not isinstance(orch, Mapping):
-        raise ConfigError(f"{where}: settings 'orchestrator' must be a mapping")
-    unknown = set(orch) - {"synchronous"}
-    if unknown:
-        raise ConfigError(
-            f"{where}: settings 'orchestrator' has unknown key '{sorted(unknown)[0]}' "
-            "(known: synchronous)"
-        )
+    _check_orchestrator_settings(options, where)
     plan = prepare_run(
         graph,
         stack=chosen,
@@ -104,12 +96,25 @@ def plan_pipeline_run(
         capture_logs=bool(options.get("capture_logs", True)),
         timeout=options.get("timeout"),
         resume=_reusable(original),
+        run=run,
     )
     run = plan.run
     run.source = f"{pipeline.func.__module__}:{pipeline.func.__qualname__}"
     if original is not None:
         run.resumed_from = original.id
     return plan, options
+
+
+def _check_orchestrator_settings(options: Mapping[str, Any], where: str) -> None:
+    orch = (options.get("settings") or {}).get("orchestrator") or {}
+    if not isinstance(orch, Mapping):
+        raise ConfigError(f"{where}: settings 'orchestrator' must be a mapping")
+    unknown = set(orch) - {"synchronous"}
+    if unknown:
+        raise ConfigError(
+            f"{where}: settings 'orchestrator' has unknown key '{sorted(unknown)[0]}' "
+            "(known: synchronous)"
+        )
 
 
 def _reusable(original: PipelineRun | None) -> dict[str, StepRun] | None:
@@ -176,16 +181,38 @@ def submit_pipeline(pipeline: Pipeline, args: tuple[Any, ...],
             f"pipeline '{pipeline.name}': submit() needs a running event loop; from "
             "synchronous code use pipeline.with_options(synchronous=False)(...)"
         ) from None
-    original = None
-    if pipeline._resolved_options()[0].get("resume_from") is not None:
+    options, run_config = pipeline._resolved_options()
+    if options.get("resume_from") is not None:
         # The original run is read before the handle exists (its parameters shape the graph):
         # a short read on a thread of its own, the one wait submit() makes.
         original = _in_own_loop(lambda: _original_run(pipeline, _stack_of(pipeline)))
-    plan, _ = plan_pipeline_run(pipeline, args, params, original)
-    task = loop.create_task(execute_owned(plan), name=f"flowcore:run:{plan.run.name}")
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
-    return RunHandle(plan, task=task)
+        plan, _ = plan_pipeline_run(pipeline, args, params, original)
+        task = loop.create_task(execute_owned(plan), name=f"flowcore:run:{plan.run.name}")
+        BACKGROUND.add(task)
+        task.add_done_callback(BACKGROUND.discard)
+        return RunHandle(plan, task=task)
+    # The compile and plan happen on the run's own task (see _submit): what is cheap to check
+    # is checked here, so the commonest mistakes still raise from submit() itself.
+    from flowcore._pipeline import _mode
+
+    where = f"pipeline '{pipeline.name}'"
+    stack = _stack_of(pipeline)
+    _mode(options.get("execution_mode") or ExecutionMode.CONTINUE_ON_FAILURE, where)
+    _check_orchestrator_settings(options, where)
+    max_concurrency = options.get("max_concurrency")
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ConfigError(f"{where}: max_concurrency must be >= 1, not {max_concurrency}")
+    max_threads()
+    check_call(pipeline, run_config, args, params)
+    # The options as they are now: a configure() after submit() is for later runs.
+    plan_for = functools.partial(_plan_into, pipeline, args, params, (options, run_config))
+    return submit_later(pipeline, stack, options, plan_for)
+
+
+def _plan_into(pipeline: Pipeline, args: tuple[Any, ...], params: Mapping[str, Any],
+               resolved: tuple[dict[str, Any], RunConfigFile | None],
+               run: PipelineRun) -> RunPlan:
+    return plan_pipeline_run(pipeline, args, params, run=run, resolved=resolved)[0]
 
 
 def call_pipeline(pipeline: Pipeline, args: tuple[Any, ...],

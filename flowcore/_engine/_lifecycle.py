@@ -44,12 +44,23 @@ def error_info(exc: BaseException) -> ErrorInfo:
     return ErrorInfo(type=type(exc).__name__, message=message, traceback=tb)
 
 
-def _emit(event: events.Event) -> None:
+def emit(event: events.Event) -> None:
+    """Tell every listener; one that raises is logged and never breaks a run."""
     for listener in list(events.listeners):
         try:
             listener(event)
         except Exception:  # a display must never break a run
             flog.stdlib_logger.debug("event listener failed", exc_info=True)
+
+
+def end_unrecorded(run: PipelineRun, status: RunStatus) -> None:
+    """A submitted run that ended before it had a plan (a definition error, or stopped before
+    its task ever ran): nothing was recorded; its handle's record ends here, told once."""
+    if run.status.is_finished:
+        return
+    run.status = status
+    run.end_time = utcnow()
+    emit(events.RunFinished(run.id, run.name, status.value, run.end_time))
 
 
 class Lifecycle:
@@ -72,7 +83,7 @@ class Lifecycle:
             flog.log(_INFO, "run_started", run=run.name, pipeline=run.pipeline_name,
                      steps=len(run.steps), pid=os.getpid(), host=socket.gethostname())
         if events.listeners:
-            _emit(events.RunStarted(run.id, run.name, run.pipeline_name,
+            emit(events.RunStarted(run.id, run.name, run.pipeline_name,
                                     tuple(run.steps), run.start_time))
 
     async def run_finished(self, status: RunStatus) -> None:
@@ -96,7 +107,7 @@ class Lifecycle:
             await self.store.update_run(run)
         flog.log(_INFO, f"run_{status.value}", run=run.name, pipeline=run.pipeline_name)
         if events.listeners:
-            _emit(events.RunFinished(run.id, run.name, status.value, now))
+            emit(events.RunFinished(run.id, run.name, status.value, now))
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -113,7 +124,7 @@ class Lifecycle:
             flog.bind_step(self.run.name, sr.name, attempt)
             flog.log(_INFO, "step_started", run=self.run.name, step=sr.name, attempt=attempt)
         if events.listeners:
-            _emit(events.StepStarted(self.run.id, sr.name, attempt, utcnow(), sr.waited))
+            emit(events.StepStarted(self.run.id, sr.name, attempt, utcnow(), sr.waited))
         return True
 
     def step_retrying(self, sr: StepRun, attempt: int, exc: BaseException, delay: float) -> bool:
@@ -126,7 +137,7 @@ class Lifecycle:
             flog.log(_INFO, "step_retrying", run=self.run.name, step=sr.name, attempt=attempt,
                      delay=delay, error=repr(exc))
         if events.listeners:
-            _emit(events.StepRetrying(self.run.id, sr.name, attempt, delay, repr(exc), utcnow()))
+            emit(events.StepRetrying(self.run.id, sr.name, attempt, delay, repr(exc), utcnow()))
         return True
 
     def step_completed(self, sr: StepRun, outputs: dict[str, ArtifactVersion],
@@ -218,5 +229,5 @@ class Lifecycle:
             else:
                 flog.log(_INFO, f"step_{status.value}", run=self.run.name, step=sr.name)
         if events.listeners:
-            _emit(events.StepFinished(self.run.id, sr.name, status.value, sr.attempts,
+            emit(events.StepFinished(self.run.id, sr.name, status.value, sr.attempts,
                                       str(sr.error) if sr.error else None, now, sr.waited))

@@ -151,6 +151,7 @@ async def execute(plan: RunPlan, *, raise_on_failure: bool = True) -> PipelineRu
             await finish_regardless(life.run_finished(status))
         finally:
             plan.stack.live_runs.finish(live)
+            sched.close()
     if run.status is RunStatus.FAILED and raise_on_failure:
         raise _run_failed(run, sched.deadline_error, sched.first_error)
     return run

@@ -48,6 +48,24 @@ def _abort(tg: asyncio.TaskGroup | None, host: asyncio.Task[Any] | None) -> None
         host.cancel()
 
 
+class _RunOver:
+    """The gate of an invoker whose run has ended: nothing starts any more."""
+
+    slots: asyncio.Semaphore | None = None
+
+    def may_start(self) -> bool:
+        return False
+
+    def failed(self, error: BaseException) -> bool:
+        return True
+
+    def defer(self, hooks: Callable[[], Awaitable[None]]) -> None:
+        pass
+
+
+_RUN_OVER = _RunOver()
+
+
 class Scheduler:
     """Drives one run of a graph; it is also the `Gate` its invocations ask."""
 
@@ -81,6 +99,12 @@ class Scheduler:
         # Set when the run passed its deadline: it then ends FAILED with this as the cause.
         self.deadline_error: BaseException | None = None
         self.reused: set[int] = set()  # node indices whose original outputs a resume reuses
+
+    def close(self) -> None:
+        """The run is over: the invoker forgets this scheduler, so the run's objects (plan,
+        graph, records) are freed by reference counting when the last user lets go, instead
+        of being left for the garbage collector (a burst of runs would feed it thousands)."""
+        self.invoker.gate = _RUN_OVER
 
     # -- Gate ------------------------------------------------------------------------------
 

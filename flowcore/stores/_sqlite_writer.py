@@ -210,7 +210,12 @@ class WriteQueue:
             session.set_result(None)
             self._batch_done(self._committed)  # wake waiters: someone must take the next batch
         if cancelled is not None:
-            raise cancelled
+            try:
+                raise cancelled
+            finally:
+                # Not kept in this frame, which its traceback holds: no reference cycle
+                # (one per run otherwise, left to the garbage collector).
+                cancelled = None
 
     def _take(self) -> tuple[list[Pending], int, asyncio.Future[None] | BaseException]:
         """Take every queued write and hand them to the connection's thread as one batch:
