@@ -193,23 +193,29 @@ def compile_graph(
     # Per step, by identity: a 10,000-way fan-out of one step looks it up once.
     facts_of: dict[int, _StepFacts] = {}
     key = pipeline_key(pipeline_options)
+    slow = bool(yaml_steps) or bool(late)
+    last_step: Any = None
+    facts: Any = None
     for node in nodes:
         step = node.step
-        facts = facts_of.get(id(step))
-        if facts is None:
-            sig = step.signature
-            if enforce and sig.missing_annotations:
-                raise PipelineDefinitionError(
-                    f"{Where(pipeline_name, node.id)}: FLOWCORE_ENFORCE_TYPE_ANNOTATIONS is on, "
-                    "but these have no type annotation: "
-                    f"{', '.join(repr(m) for m in sig.missing_annotations)}"
-                )
-            facts = facts_of[id(step)] = _StepFacts(sig, key)
-        ystep = yaml_steps.get(node.id) if yaml_steps else None
-        if ystep is not None or (late and node.index in late):
-            nodes[node.index] = _late_node(
-                node, facts, recorder, pipeline_name, pipeline_options, ystep)
-            continue
+        if step is not last_step:
+            facts = facts_of.get(id(step))
+            if facts is None:
+                sig = step.signature
+                if enforce and sig.missing_annotations:
+                    raise PipelineDefinitionError(
+                        f"{Where(pipeline_name, node.id)}: FLOWCORE_ENFORCE_TYPE_ANNOTATIONS is "
+                        "on, but these have no type annotation: "
+                        f"{', '.join(repr(m) for m in sig.missing_annotations)}"
+                    )
+                facts = facts_of[id(step)] = _StepFacts(sig, key)
+            last_step = step
+        if slow:
+            ystep = yaml_steps.get(node.id)
+            if ystep is not None or node.index in late:
+                done = _late_node(node, facts, recorder, pipeline_name, pipeline_options, ystep)
+                nodes[node.index] = invs[node.id] = done
+                continue
         arguments = node.arguments
         for name in facts.required:
             if name not in arguments:
@@ -218,14 +224,17 @@ def compile_graph(
         if after and node.index in after:
             edges = {_check_after(node, aid, index, pipeline_name) for aid in after[node.index]}
             node.parents = tuple(sorted(edges.union(node.data_parents)))
-        params = _params(facts, node.constants, arguments) if facts.defaults else dict(
-            node.constants)
-        head = facts.head
+        head: Head | None = facts.head
         if head is None:
             head, _ = _static_of(facts, step, pipeline_options)
-        node.config = ResolvedStepConfig(*head, params, *facts.tail)
+        tail: Tail = facts.tail
+        node.config = ResolvedStepConfig(
+            *head,
+            _params(facts, node.constants, arguments) if facts.defaults else dict(node.constants),
+            *tail,
+        )
     _check_pipeline_ignore(pipeline_name, pipeline_options, nodes)
-    return Graph(pipeline_name, nodes, parameters, outputs)
+    return Graph(pipeline_name, nodes, parameters, outputs, by_id=invs)
 
 
 def _check_pipeline_ignore(pipeline_name: str, options: Mapping[str, Any], nodes: list[Node]) -> None:

@@ -109,12 +109,15 @@ class Graph:
         nodes: Sequence[Node],
         parameters: Mapping[str, Any] | None = None,
         outputs: Any = None,
+        *,
+        by_id: dict[str, Node] | None = None,
     ) -> None:
+        """`by_id`, if given, maps each node's ID to it (the compile has that map already)."""
         self.pipeline_name = pipeline_name
         self.nodes: tuple[Node, ...] = tuple(nodes)
         self.parameters = dict(parameters or {})
         self.outputs = outputs
-        self._by_id = {n.id: n for n in self.nodes}
+        self._by_id = by_id if by_id is not None else {n.id: n for n in self.nodes}
         children: list[list[int]] = [[] for _ in self.nodes]
         consumers = [0] * len(self.nodes)
         # Recorded invocations come in a topological order unless an edge points forward (an

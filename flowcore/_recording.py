@@ -166,15 +166,29 @@ class Recorder:
         the common case (plain values and handles) is spelled out inline.
         """
         invocations = self.invocations
-        if invocation_id is None and step.name not in invocations:
-            inv_id = step.name
-        else:
+        inv_id = step.name
+        if invocation_id is not None:
             inv_id = self._new_id(step, invocation_id)
+        elif inv_id in invocations:
+            # A repeated step: `name_k`, remembering k so n repeats cost O(n).
+            k = self._next_suffix.get(inv_id, 2)
+            candidate = f"{inv_id}_{k}"
+            if candidate in invocations:
+                candidate = self._new_id(step, None)
+            else:
+                self._next_suffix[inv_id] = k + 1
+            inv_id = candidate
         sig = step._signature or step.signature
-        if args or (kwargs and not sig.inputs.keys() >= kwargs.keys()):
-            raw = self._bind(sig, inv_id, args, kwargs)
+        inputs = sig.inputs
+        if not args:
+            # Keywords only, all known: the call's own dict is used as it is.
+            raw = kwargs if inputs.keys() >= kwargs.keys() else self._bind(
+                sig, inv_id, args, kwargs)
+        elif (len(args) == 1 and sig.positional and inputs.keys() >= kwargs.keys()
+                and sig.positional[0] not in kwargs):
+            raw = {sig.positional[0]: args[0], **kwargs}
         else:
-            raw = kwargs  # keywords only, all known
+            raw = self._bind(sig, inv_id, args, kwargs)
         mapped: tuple[str, ...] = ()
         if mapping is not None:
             mapped = self._mapped(sig, inv_id, args, raw)
@@ -191,9 +205,12 @@ class Recorder:
                 constants[key] = value
                 continue
             if kind is OutputHandle:
-                ref = value._ref or value.as_ref()
+                ref = value._ref
                 if ref is None:
-                    raise _no_outputs(ArgumentPlace(Where(self.pipeline_name, inv_id), key), value)
+                    ref = value.as_ref()
+                    if ref is None:
+                        raise _no_outputs(
+                            ArgumentPlace(Where(self.pipeline_name, inv_id), key), value)
                 raw[key] = ref
                 direct += ((key, ref),)
                 parent = index.get(ref.node_id)
@@ -272,12 +289,17 @@ class Recorder:
         return tuple(mapped)
 
 
-@contextmanager
-def recording(pipeline_name: str, func: Any = None) -> Iterator[Recorder]:
+class recording:
     """Make a new recorder current while a pipeline function (`func`, if given) runs."""
-    recorder = Recorder(pipeline_name, func)
-    token = RECORDER.set(recorder)
-    try:
-        yield recorder
-    finally:
-        RECORDER.reset(token)
+
+    __slots__ = ("_recorder", "_token")
+
+    def __init__(self, pipeline_name: str, func: Any = None) -> None:
+        self._recorder = Recorder(pipeline_name, func)
+
+    def __enter__(self) -> Recorder:
+        self._token = RECORDER.set(self._recorder)
+        return self._recorder
+
+    def __exit__(self, *exc: object) -> None:
+        RECORDER.reset(self._token)
