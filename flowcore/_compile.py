@@ -239,7 +239,10 @@ def compile_graph(
 
 def _check_pipeline_ignore(pipeline_name: str, options: Mapping[str, Any], nodes: list[Node]) -> None:
     """Raise ConfigError if a pipeline-level `cache_policy.ignore` names no step's input."""
-    policy = as_cache_policy(options.get("cache_policy"))
+    value = options.get("cache_policy")
+    if value is None:
+        return
+    policy = as_cache_policy(value)
     if policy is None:
         return
     sigs = [node.step.signature for node in nodes]

@@ -159,9 +159,8 @@ def _same(snap: Any, value: Any) -> bool:
 def pipeline_key(pipeline_options: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[Any, ...]]:
     """(the ids of the pipeline option values a step's resolution reads, those values):
     computed once per compile, shared by its steps."""
-    get = pipeline_options.get
-    values = tuple([get(k) for k in _PIPELINE_KEYS])
-    return tuple([id(v) for v in values]), values
+    values = tuple(map(pipeline_options.get, _PIPELINE_KEYS))
+    return tuple(map(id, values)), values
 
 
 def _checks(values: Any) -> list[tuple[Any, Any]] | None:
