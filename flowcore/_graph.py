@@ -16,9 +16,13 @@ from flowcore.exceptions import PipelineDefinitionError
 __all__ = ["Graph", "MapSpec", "Node", "OutputRef", "ReadySet"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class OutputRef:
-    """A reference to one output of an upstream invocation, resolved at run time."""
+    """A reference to one output of an upstream invocation, resolved at run time.
+
+    Read-only by convention, hashed by value: not frozen, because a frozen dataclass costs
+    ~3x more to build and a compile makes one per handle passed on.
+    """
 
     node_id: str
     output: str
@@ -105,22 +109,35 @@ class Graph:
         nodes: Sequence[Node],
         parameters: Mapping[str, Any] | None = None,
         outputs: Any = None,
+        *,
+        by_id: dict[str, Node] | None = None,
     ) -> None:
+        """`by_id`, if given, maps each node's ID to it (the compile has that map already)."""
         self.pipeline_name = pipeline_name
         self.nodes: tuple[Node, ...] = tuple(nodes)
         self.parameters = dict(parameters or {})
         self.outputs = outputs
-        self._by_id = {n.id: n for n in self.nodes}
+        self._by_id = by_id if by_id is not None else {n.id: n for n in self.nodes}
         children: list[list[int]] = [[] for _ in self.nodes]
         consumers = [0] * len(self.nodes)
+        # Recorded invocations come in a topological order unless an edge points forward (an
+        # `after=` naming a later invocation): only then can there be a cycle to look for.
+        forward = False
         for n in self.nodes:
-            for p in n.parents:
-                children[p].append(n.index)
+            parents = n.parents
+            if not parents:
+                continue
+            i = n.index
+            for p in parents:
+                children[p].append(i)
+            if max(parents) >= i:
+                forward = True
             for p in n.data_parents:
                 consumers[p] += 1
-        self.children: tuple[tuple[int, ...], ...] = tuple(tuple(c) for c in children)
+        self.children: tuple[tuple[int, ...], ...] = tuple(map(tuple, children))
         self.data_consumers: tuple[int, ...] = tuple(consumers)
-        self._check_acyclic()
+        if forward:
+            self._check_acyclic()
 
     def __getitem__(self, node_id: str) -> Node:
         return self._by_id[node_id]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowcore._models import StepStatus
-from flowcore._signature import resolve_annotations
+from flowcore._signature import resolve_annotations_checked
 from flowcore._threads import run_in_worker_thread
 from flowcore.exceptions import PipelineDefinitionError
 
@@ -19,6 +19,8 @@ __all__ = ["HOOK_KINDS", "BoundHook", "bind_hook"]
 
 HOOK_KINDS = ("on_start", "on_success", "on_failure", "on_end")
 _INJECTABLE = ("exception", "step_name", "step_output", "status")
+_BOUND: dict[tuple[int, str], BoundHook] = {}
+_BOUND_LIMIT = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +94,19 @@ def bind_hook(hook: Any, kind: str, where: str) -> BoundHook:
         PipelineDefinitionError: the hook asks for something flowcore cannot give it.
     """
     func = _resolve(hook, where)
+    # Bound once per (hook, kind) for the process: inspecting a signature and its annotations
+    # costs more than the rest of a small run's plan. The entry holds the function, so its id
+    # is not reused while it lives; a hook whose annotations did not all resolve yet (a class
+    # defined later) is inspected again next time. Errors are raised, never kept.
+    key = (id(func), kind)
+    known = _BOUND.get(key)
+    if known is not None and known.func is func:
+        return known
     try:
         sig = inspect.signature(func)
     except (TypeError, ValueError) as exc:
         raise PipelineDefinitionError(f"{where}: cannot inspect {kind} hook {func!r}") from exc
-    hints = resolve_annotations(func)
+    hints, complete = resolve_annotations_checked(func)
     wants: list[tuple[str, str]] = []
     for name, param in sig.parameters.items():
         if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
@@ -122,4 +132,9 @@ def bind_hook(hook: Any, kind: str, where: str) -> BoundHook:
     is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
         getattr(func, "__call__", None)  # noqa: B004 - async callable objects count too
     )
-    return BoundHook(func=func, kind=kind, wants=tuple(wants), is_async=is_async)
+    bound = BoundHook(func=func, kind=kind, wants=tuple(wants), is_async=is_async)
+    if complete:
+        if len(_BOUND) >= _BOUND_LIMIT:
+            _BOUND.clear()
+        _BOUND[key] = bound
+    return bound

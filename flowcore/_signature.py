@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from flowcore.exceptions import PipelineDefinitionError
 
-__all__ = ["InputSpec", "OutputSpec", "StepSignature", "inspect_step_function"]
+__all__ = ["InputSpec", "OutputSpec", "StepSignature", "inspect_step_function",
+           "resolve_annotations", "resolve_annotations_checked"]
 
 _EMPTY = inspect.Parameter.empty
 # Inputs are validated in pydantic's default (lax) mode, as ZenML does: "3" becomes 3 for an
@@ -268,6 +269,11 @@ def resolve_annotations(func: Callable[..., Any]) -> dict[str, Any]:
     (a TYPE_CHECKING-only import under postponed evaluation) becomes Any instead of hiding the
     others."""
     return _resolve(func)[0]
+
+
+def resolve_annotations_checked(func: Callable[..., Any]) -> tuple[dict[str, Any], bool]:
+    """`resolve_annotations` and whether every annotation resolved."""
+    return _resolve(func)
 
 
 def _resolve(func: Callable[..., Any]) -> tuple[dict[str, Any], bool]:

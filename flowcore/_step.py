@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from flowcore._graph import OutputRef
 from flowcore._signature import StepSignature, inspect_step_function
 from flowcore.config import as_cache_policy, env_flag, validate_step_options
 from flowcore.exceptions import ConfigError, PipelineDefinitionError
 
-__all__ = ["STEP_OPTIONS", "OutputHandle", "Step", "env_flag", "step", "unmapped"]
+__all__ = ["RECORDER", "STEP_OPTIONS", "OutputHandle", "Step", "env_flag", "step", "unmapped"]
+
+if TYPE_CHECKING:
+    from flowcore._recording import Recorder
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# The recorder of the pipeline function running now (set by `_recording.recording`). It lives
+# here so a step call reads it without importing the recording module on every call.
+RECORDER: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar(
+    "flowcore_recorder", default=None
+)
 
 STEP_OPTIONS = frozenset({
     "cache_policy", "enable_cache", "retry", "on_start", "on_success", "on_failure", "on_end", "timeout",
@@ -63,11 +74,20 @@ class OutputHandle:
     Pass it to other steps (a data dependency) or to `after=` (an order dependency).
     """
 
-    __slots__ = ("invocation_id", "output_name")
+    __slots__ = ("_ref", "invocation_id", "output_name")
 
     def __init__(self, invocation_id: str, output_name: str | None) -> None:
         self.invocation_id = invocation_id
         self.output_name = output_name
+        self._ref: OutputRef | None = None
+
+    def as_ref(self) -> OutputRef | None:
+        """The graph reference of this output (made once: a handle fanned out to 10,000 steps
+        is one reference), or None for an invocation without outputs."""
+        ref = self._ref
+        if ref is None and self.output_name is not None:
+            ref = self._ref = OutputRef(self.invocation_id, self.output_name)
+        return ref
 
     def __repr__(self) -> str:
         out = f".{self.output_name}" if self.output_name else ""
@@ -118,6 +138,10 @@ class Step:
         _check_ignored_names(func, self.name, opts)
         self._options = opts
         functools.update_wrapper(self, func)
+        # What compiles resolved from this step's options (see _compile_static); emptied by
+        # configure(), so a cached resolution never outlives the options it came from. Set
+        # after update_wrapper, which copies a wrapped callable's __dict__.
+        self._resolved: dict[Any, Any] = {}
         # Inspected now, so a definition error (two outputs of one name) is raised at `@step`.
         # An annotation naming a class not defined yet is resolved again on first use.
         self._signature: StepSignature | None = inspect_step_function(func, self.name)
@@ -155,12 +179,14 @@ class Step:
         if "name" in options:
             self.name = options.pop("name")
         self._options.update(options)
+        self._resolved = {}
         return self
 
     def with_options(self, **options: Any) -> Step:
         """Return a copy with changed options; the original is unchanged."""
         clone = copy.copy(self)
         clone._options = dict(self._options)
+        clone._resolved = {}
         return clone.configure(**options)
 
     def __call__(
@@ -171,13 +197,9 @@ class Step:
         id: str | None = None,
         **kwargs: Any,
     ) -> Any:
-        from flowcore._compile import current_recorder
-
-        recorder = current_recorder()
+        recorder = RECORDER.get()
         if recorder is not None:
-            return recorder.add_invocation(
-                self, args, kwargs, after=after, invocation_id=step_name or id
-            )
+            return recorder.add_invocation(self, args, kwargs, after, step_name or id)
         if env_flag("FLOWCORE_RUN_SINGLE_STEPS_WITHOUT_STACK"):
             return self.entrypoint(*args, **kwargs)
         from flowcore._engine._launch import run_step_sync
@@ -225,9 +247,7 @@ class Step:
         self, args: tuple[Any, ...], kwargs: dict[str, Any], after: Any,
         invocation_id: str | None, *, product: bool,
     ) -> OutputHandle:
-        from flowcore._compile import current_recorder
-
-        recorder = current_recorder()
+        recorder = RECORDER.get()
         if recorder is None:
             raise PipelineDefinitionError(
                 f"step '{self.name}': .map()/.product() work only inside a pipeline function"

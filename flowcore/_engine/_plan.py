@@ -128,17 +128,29 @@ def _bind_plans(graph: Graph, stack: Stack) -> list[NodePlan]:
     from flowcore.materializers import resolve_materializer
 
     bound: dict[tuple[int, str], BoundHook] = {}
-    plans = []
+    plans: list[NodePlan] = []
+    append = plans.append
     # Invocations of one step share their resolved hooks/settings/materializers objects (see
-    # _compile.resolve_step_config), so they can share one plan: a 10,000-way fan-out binds once.
+    # _compile_static), so they can share one plan: a 10,000-way fan-out binds once.
     shared: dict[tuple[object, ...], NodePlan] = {}
+    last: tuple[Any, ...] = ()
+    plan: NodePlan | None = None
     for node in graph.nodes:
         cfg: ResolvedStepConfig = node.config
-        share_key = (id(node.step), id(cfg.hooks), id(cfg.settings),
-                     id(cfg.output_materializers), node.map_spec is None, cfg.pool)
+        hooks, settings, materializers = cfg.hooks, cfg.settings, cfg.output_materializers
+        unmapped = node.map_spec is None
+        # Consecutive invocations of one step (a fan-out, a chain) skip the key lookup.
+        if (plan is not None and last[0] is node.step and last[1] is hooks
+                and last[2] is settings and last[3] is materializers
+                and last[4] == unmapped and last[5] == cfg.pool):
+            append(plan)
+            continue
+        last = (node.step, hooks, settings, materializers, unmapped, cfg.pool)
+        share_key = (id(node.step), id(hooks), id(settings), id(materializers), unmapped,
+                     cfg.pool)
         plan = shared.get(share_key)
         if plan is not None:
-            plans.append(plan)
+            append(plan)
             continue
         where = f"pipeline '{graph.pipeline_name}', step '{node.id}'"
         plan = shared[share_key] = NodePlan()
@@ -190,7 +202,7 @@ def _bind_plans(graph: Graph, stack: Stack) -> list[NodePlan]:
                          reason="no stack component of this type uses it")
         plan.direct = (plan.operator is None and plan.tracker is None and cfg.timeout is None
                        and node.step.signature.is_async)
-        plans.append(plan)
+        append(plan)
     return plans
 
 
