@@ -27,7 +27,7 @@ LAYERS: dict[str, int] = {
 
 # The engine's modules in order: each imports only those before it (late imports included).
 ENGINE_ORDER = ["_shield", "_plan", "_lifecycle", "_isolation", "_outputs", "_invocation", "_fanout",
-                "_scheduler", "_run", "_handle", "_start_gate", "_submit", "_launch"]
+                "_scheduler", "_run", "_handle", "_full_passes", "_start_gate", "_submit", "_launch"]
 
 # The only imports that point up the table: the definition layer starting runs.
 LATE_EDGES = {("_pipeline", "_engine._launch"), ("_step", "_engine._launch")}

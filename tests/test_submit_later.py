@@ -8,7 +8,9 @@ closing the stack) records it STOPPED; a burst plans in submission order.
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from flowcore import (
     pipeline,
     step,
 )
+from flowcore._engine import _full_passes
 from flowcore._engine._submit import _CallShape
 
 calls: list[int] = []
@@ -229,6 +232,7 @@ async def test_a_burst_of_500_submits_keeps_the_loop_responsive(
 ) -> None:
     """API.md §17: a burst of 500 submit() calls on one loop keeps a 10 ms ticker's lag under
     50 ms at the 99th percentile (timing is the behaviour here)."""
+    thresholds = gc.get_threshold()
     stack = Stack.in_memory() if kind == "memory" else Stack.local(tmp_path)
     async with stack:
         p = request.with_options(stack=stack)
@@ -243,13 +247,82 @@ async def test_a_burst_of_500_submits_keeps_the_loop_responsive(
                 await asyncio.sleep(0.01)
                 lags.append(loop.time() - began - 0.01)
 
+        pauses = CollectorPauses()
+        gc.callbacks.append(pauses)
         tick = asyncio.create_task(ticker())
         await asyncio.sleep(0.03)
         handles = [p.submit(i=i) for i in range(500)]
         runs = await asyncio.gather(*handles)
         done.set()
         await tick
+        gc.callbacks.remove(pauses)
     assert all(run.status is RunStatus.COMPLETED for run in runs)
     lags.sort()
     p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
-    assert p99 < 0.05, f"lag p99 {p99 * 1e3:.1f} ms; worst {[round(x * 1e3) for x in lags[-5:]]}"
+    assert p99 < 0.05, (f"lag p99 {p99 * 1e3:.1f} ms; worst {[round(x * 1e3) for x in lags[-5:]]}"
+                        f" ms; longest collector pauses {pauses.longest()}")
+    assert gc.get_threshold() == thresholds  # full passes are back as they were
+
+
+class CollectorPauses:
+    """A gc callback: (generation, ms) of each collection."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], (time.perf_counter() - self._began) * 1e3))
+
+    def longest(self) -> list[tuple[int, float]]:
+        return sorted(self.pauses, key=lambda p: -p[1])[:3]
+
+
+async def test_a_burst_defers_full_collector_passes_and_puts_them_back(
+    memory_stack: Stack,
+) -> None:
+    """While a burst waits at the gate, the collector's full passes are deferred (its young
+    generations are still collected); once the burst's runs end, the thresholds are back."""
+    thresholds = gc.get_threshold()
+    young_before = gc.get_stats()[0]["collections"]
+    handles = [slow.with_options(stack=memory_stack).submit(i=i) for i in range(300)]
+    await asyncio.sleep(0.01)
+    assert gc.get_threshold()[2] > 10**6
+    assert gc.get_threshold()[:2] == thresholds[:2]
+    await asyncio.gather(*handles)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert gc.get_threshold() == thresholds
+    assert gc.get_stats()[0]["collections"] > young_before
+
+
+async def test_thresholds_changed_during_a_burst_are_left_alone(memory_stack: Stack) -> None:
+    """Someone who sets the collector's thresholds during a burst keeps them."""
+    thresholds = gc.get_threshold()
+    try:
+        handles = [slow.with_options(stack=memory_stack).submit(i=i) for i in range(100)]
+        await asyncio.sleep(0.01)
+        gc.set_threshold(900, 11, 12)
+        await asyncio.gather(*handles)
+        assert gc.get_threshold() == (900, 11, 12)
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+def test_a_deferral_whose_loop_is_gone_expires_on_its_own() -> None:
+    """Full passes come back after LONGEST_DEFERRAL even if nothing ends the burst (its loop
+    closed mid-burst): a young collection notices."""
+    thresholds = gc.get_threshold()
+    _full_passes.defer()
+    try:
+        assert _full_passes.deferred()
+        _full_passes._deadline = time.monotonic() - 1  # as if LONGEST_DEFERRAL had passed
+        gc.collect(0)
+        assert not _full_passes.deferred()
+        assert gc.get_threshold() == thresholds
+    finally:
+        _full_passes.resume()
+        gc.set_threshold(*thresholds)

@@ -19,6 +19,8 @@ import time
 import weakref
 from collections import deque
 
+import flowcore._engine._full_passes as _full_passes
+
 __all__ = ["StartGate"]
 
 # A turn longer than this halves the allowance; one shorter than SHORT_TURN doubles it.
@@ -28,6 +30,7 @@ SHORT_TURN = 0.003
 # turn lets in whatever the turns are like.
 PLAN_BUDGET = 0.001
 MOST_PER_TURN = 16
+BURST = 8  # this many submit() calls in one turn are a burst
 FIRST_WINDOW = 32
 LARGEST_WINDOW = 1 << 16
 
@@ -50,6 +53,10 @@ class StartGate:
         self._scheduled = False
         self._probing = False
         self._last_turn: float | None = None  # when the previous turn's callback ran
+        # A burst: runs wait at the gate, and full collector passes are deferred until the
+        # runs let in have ended (see _full_passes).
+        self._burst: asyncio.TimerHandle | None = None
+        self._submitted = 0  # submit() calls during the current turn
 
     @classmethod
     def of_running_loop(cls) -> StartGate:
@@ -69,7 +76,21 @@ class StartGate:
             return None
         waiter: asyncio.Future[bool] = self._loop.create_future()
         self._queue.append(waiter)
+        self._burst_begins()
         return waiter
+
+    def submitted(self) -> None:
+        """`submit()` was called: many in one turn are a burst from the first (the submits
+        themselves allocate enough to set off a full collector pass)."""
+        self._submitted += 1
+        if self._submitted == BURST:
+            self._burst_begins()
+        self._every_turn()
+
+    def _burst_begins(self) -> None:
+        if self._burst is None:
+            _full_passes.defer()
+            self._burst = self._loop.call_later(_full_passes.LONGEST_DEFERRAL, self._burst_over)
 
     def planned(self, seconds: float) -> None:
         """A run let in took `seconds` to compile and plan."""
@@ -80,6 +101,14 @@ class StartGate:
         self._in_flight -= 1
         if self._queue:
             self._every_turn()
+        elif self._in_flight <= 0 and self._burst is not None:
+            self._burst_over()
+
+    def _burst_over(self) -> None:
+        if self._burst is not None:
+            self._burst.cancel()
+            self._burst = None
+            _full_passes.resume()
 
     def _per_turn(self) -> int:
         fits = int(PLAN_BUDGET / max(self._plan_cost, 1e-6))
@@ -95,6 +124,7 @@ class StartGate:
         # Runs once per turn of the loop while runs are let in: the time since it last ran
         # is how long the last turn was.
         self._scheduled = False
+        self._submitted = 0
         now = time.perf_counter()
         if self._last_turn is not None:
             took = now - self._last_turn
@@ -115,6 +145,8 @@ class StartGate:
             self._every_turn()
             return
         self._last_turn = None
+        if not self._queue and self._in_flight <= 0:
+            self._burst_over()
         if self._queue and not self._probing:
             # The window is full. A run ending wakes the gate (ended()); so does a timer that
             # finds the loop idle (runs that mostly wait must not hold the others back).

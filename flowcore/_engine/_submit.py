@@ -189,6 +189,7 @@ def submit_later(pipeline: Pipeline, stack: Stack, options: Mapping[str, Any],
     handle.attach(task)
     BACKGROUND.add(task)
     task.add_done_callback(pending.task_done)
+    StartGate.of_running_loop().submitted()
     return handle
 
 

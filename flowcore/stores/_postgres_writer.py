@@ -97,9 +97,11 @@ async def _finish(task: asyncio.Task[T]) -> tuple[T, asyncio.CancelledError | No
         try:
             return await asyncio.shield(task), cancelled
         except asyncio.CancelledError as exc:
-            if task.done():
-                raise
             cancelled = cancelled or exc
+            if task.done():
+                # Cancelled just as the batch finished: its outcome still counts (raising here
+                # would leave every other writer of the batch waiting forever).
+                return task.result(), cancelled
 
 
 def _settle_in_chunks(settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
