@@ -3,13 +3,14 @@
 Every run of a burst is ready at the same moment, and an event loop runs everything ready in
 one turn: 500 runs compiling and starting their first steps together would hold the loop for
 a good part of a second (API.md §17 asks for a lag under 50 ms). The gate lets the waiting
-runs in a few per turn, first come first served, and adapts how many to how long the loop's
-turns are, the way TCP adapts its window: while turns stay short the allowance doubles (up
-to what the planning budget fits), and a long turn halves it; the same goes for the window,
-the most runs let in and not yet ended. Runs that mostly wait (sleeps, I/O) keep turns short
-and are let in as fast as they come; a burst of busy runs is let in no faster than the loop
-gets through them, which keeps every turn short and the number of runs alive at once, and so
-the objects the garbage collector must scan, small.
+runs in a few per turn, first come first served, within two limits that adapt the way TCP's
+do: an allowance per turn, doubled after a short turn and halved after a long one (and never
+more than the planning budget fits), and a window, the most runs let in and not yet ended.
+When the window is full, a timer probes the loop: on time, the runs in flight mostly wait and
+the window grows; late, it halves. Runs that mostly wait (sleeps, I/O) are so let in nearly
+as fast as they come; a burst of busy runs no faster than the loop gets through them, which
+keeps every turn short and the number of runs alive at once small. While a burst lasts, the
+collector's full passes are deferred (`_full_passes`).
 """
 
 from __future__ import annotations
@@ -154,9 +155,14 @@ class StartGate:
             self._loop.call_later(LONG_TURN, self._probe, now + LONG_TURN)
 
     def _probe(self, due: float) -> None:
+        # The window is full: a timer that fires on time says the loop has room for more
+        # runs (those in flight mostly wait); a late one says it has too many already.
         self._probing = False
-        if time.perf_counter() - due < SHORT_TURN:
+        late = time.perf_counter() - due
+        if late < SHORT_TURN:
             self._faster(grow_window=True)
+        elif late > LONG_TURN:
+            self._slower()
         if self._queue:
             self._every_turn()
 
@@ -165,6 +171,10 @@ class StartGate:
         self._window = max(FIRST_WINDOW // 4, self._window // 2)
 
     def _faster(self, grow_window: bool = False) -> None:
+        # The allowance doubles; the window grows (by a quarter) only when a probe found the
+        # loop idle with the window full (the runs in flight mostly wait): the work of runs
+        # let in shows up turns later, and a window that grew on short turns meanwhile would
+        # overshoot (TCP's slow start does).
         self._allowance = min(MOST_PER_TURN, self._allowance * 2)
-        if grow_window or self._in_flight >= self._window // 2:
-            self._window = min(LARGEST_WINDOW, self._window * 2)
+        if grow_window:
+            self._window = min(LARGEST_WINDOW, self._window + max(self._allowance, self._window // 4))
