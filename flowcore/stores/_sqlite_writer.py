@@ -32,7 +32,7 @@ QUEUES: dict[str, weakref.WeakSet[WriteQueue]] = {}
 # group commit would otherwise all resume in the same loop iteration and, at a few hundred
 # microseconds each, hold the loop for 100 ms (measured with 500 concurrent runs); in chunks,
 # timers and I/O get a turn between them and the total work is the same.
-WAKE_CHUNK = 32
+WAKE_CHUNK = 8
 
 
 def wake_in_chunks(waiters: deque[asyncio.Future[None]]) -> None:
