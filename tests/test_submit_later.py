@@ -31,6 +31,7 @@ from flowcore import (
 )
 from flowcore._engine import _full_passes
 from flowcore._engine._submit import _CallShape
+from flowcore.stack._live import LiveRuns
 
 calls: list[int] = []
 
@@ -326,3 +327,22 @@ def test_a_deferral_whose_loop_is_gone_expires_on_its_own() -> None:
     finally:
         _full_passes.resume()
         gc.set_threshold(*thresholds)
+
+
+async def test_a_stop_asked_before_the_scheduler_registers_reaches_it() -> None:
+    """A submitted run is registered with a stopper for its pending state; a stop asked then
+    (closing the stack, a cancel request) is handed on to the scheduler that registers later,
+    drain or not, the stronger stop winning."""
+    runs = LiveRuns()
+    pending_stops: list[bool] = []
+    live = runs.add("r", pending_stops.append)
+    live.request_stop(True)
+    live.request_stop(False)
+    assert pending_stops == [True, False]
+    scheduler_stops: list[bool] = []
+    assert runs.add("r", scheduler_stops.append) is live
+    assert scheduler_stops == [False]  # a stop without drain beats one with it
+    runs.finish(live)
+    await asyncio.wait_for(runs.finished(live), 1)
+    live.request_stop()
+    assert scheduler_stops == [False]  # an ended run ignores later stops

@@ -17,11 +17,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from flowcore._engine._handle import RunHandle, execute_owned
 from flowcore._engine._invocation import loaded_values
 from flowcore._engine._outputs import output_value
-from flowcore._engine._plan import RunPlan, prepare_run
+from flowcore._engine._plan import RunPlan, check_run_limits, prepare_run
 from flowcore._engine._run import execute
 from flowcore._engine._submit import BACKGROUND, check_call, submit_later
 from flowcore._models import PipelineRun, RunStatus, StepRun, StepStatus
-from flowcore._threads import max_threads
 from flowcore.config import ExecutionMode, RunConfigFile
 from flowcore.exceptions import ConfigError, FlowcoreError, RunStateError
 from flowcore.stack import Stack, get_active_stack
@@ -199,10 +198,7 @@ def submit_pipeline(pipeline: Pipeline, args: tuple[Any, ...],
     stack = _stack_of(pipeline)
     _mode(options.get("execution_mode") or ExecutionMode.CONTINUE_ON_FAILURE, where)
     _check_orchestrator_settings(options, where)
-    max_concurrency = options.get("max_concurrency")
-    if max_concurrency is not None and max_concurrency < 1:
-        raise ConfigError(f"{where}: max_concurrency must be >= 1, not {max_concurrency}")
-    max_threads()
+    check_run_limits(pipeline.name, options.get("max_concurrency"))
     check_call(pipeline, run_config, args, params)
     # The options as they are now: a configure() after submit() is for later runs.
     plan_for = functools.partial(_plan_into, pipeline, args, params, (options, run_config))

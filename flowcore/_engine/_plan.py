@@ -31,7 +31,7 @@ from flowcore.exceptions import (
 from flowcore.stack import Stack
 from flowcore.typing import Clock
 
-__all__ = ["NodePlan", "RunPlan", "new_run", "prepare_run"]
+__all__ = ["NodePlan", "RunPlan", "check_run_limits", "new_run", "prepare_run"]
 
 _SYSTEM_CLOCK = SystemClock()
 
@@ -206,6 +206,19 @@ def _bind_plans(graph: Graph, stack: Stack) -> list[NodePlan]:
     return plans
 
 
+def check_run_limits(pipeline_name: str, max_concurrency: int | None) -> None:
+    """`max_concurrency` and FLOWCORE_MAX_THREADS, checked before a run is recorded.
+
+    Raises:
+        ConfigError: either is not a whole number >= 1.
+    """
+    max_threads()
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ConfigError(
+            f"pipeline '{pipeline_name}': max_concurrency must be >= 1, not {max_concurrency}"
+        )
+
+
 def new_run(pipeline_name: str, run_name: str | None,
             substitutions: Mapping[str, str] | None, *, unlisted: bool = False) -> PipelineRun:
     """A new run record, named and timed now, with no steps yet."""
@@ -247,11 +260,7 @@ def prepare_run(
         PipelineDefinitionError, ConfigError, MaterializerError: before any step runs.
     """
     plans = _bind_plans(graph, stack)
-    max_threads()  # a bad FLOWCORE_MAX_THREADS is a ConfigError before the run is recorded
-    if max_concurrency is not None and max_concurrency < 1:
-        raise ConfigError(
-            f"pipeline '{graph.pipeline_name}': max_concurrency must be >= 1, not {max_concurrency}"
-        )
+    check_run_limits(graph.pipeline_name, max_concurrency)
     if run is None:
         run = new_run(graph.pipeline_name, run_name, substitutions, unlisted=unlisted)
     run.parameters = dict(graph.parameters)
