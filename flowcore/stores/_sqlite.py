@@ -29,6 +29,7 @@ from flowcore.stores._sqlite_commit import Connection
 from flowcore.stores._sqlite_errors import StoreErrors
 from flowcore.stores._sqlite_inline import is_inline, with_payload
 from flowcore.stores._sqlite_schema import migrate
+from flowcore.stores._sqlite_steps import StepWrite
 from flowcore.stores._sqlite_writer import WriteQueue
 
 __all__ = ["SqliteMetadataStore"]
@@ -216,11 +217,20 @@ class SqliteMetadataStore(MetadataStore):
 
     async def create_run(self, run: PipelineRun) -> None:
         _LIVE_RUN_IDS.add(run.id)
+        steps = ops.insert_step_rows(run)
         try:
+            # Awaited: a used run name must fail the run before any step starts.
             await self._write(ops.insert_run(run, pid=os.getpid(), host=self._host, now=_now()))
         except BaseException:
             _LIVE_RUN_IDS.discard(run.id)
             raise
+        if steps is not None:
+            # The step rows are queued, not awaited: the first steps start while the writer
+            # inserts them (a 1,000-step plan takes ~10 ms to insert). Every write of a step
+            # is queued after them, and queued writes commit in order; a read waits for them
+            # (reads_own_writes). A process killed in between leaves a run without step rows,
+            # marked CRASHED like any other.
+            self._writes.record(f"steps of run {run.id}", steps)
 
     async def update_run(self, run: PipelineRun) -> None:
         await self._write(ops.update_run(run, _now()))
@@ -231,7 +241,7 @@ class SqliteMetadataStore(MetadataStore):
     async def update_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
         await self._write(self._step_write(run, step_run), step_run.id)
 
-    def _step_write(self, run: PipelineRun, step_run: StepRun) -> Callable[[sqlite3.Connection], None]:
+    def _step_write(self, run: PipelineRun, step_run: StepRun) -> StepWrite:
         now = _now()
         # A step write refreshes the run's heartbeat at most every few seconds: enough for
         # crash detection, without an extra statement per write.
@@ -239,7 +249,7 @@ class SqliteMetadataStore(MetadataStore):
         beat = last is None or (now - last).total_seconds() >= _BEAT_EVERY
         if beat:
             self._beats[run.id] = now
-        return ops.upsert_step_run(run, step_run, now, beat=beat)
+        return StepWrite(run, step_run, now, beat=beat)
 
     def record_step_run(self, run: PipelineRun, step_run: StepRun) -> None:
         self._writes.record(step_run.id, self._step_write(run, step_run))

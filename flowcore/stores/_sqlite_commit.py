@@ -9,11 +9,12 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
 from flowcore.exceptions import _WriteFailed
+from flowcore.stores._sqlite_steps import StepWrite, apply_step_writes
 
 __all__ = ["Connection", "Pending", "commit_batch", "mark_retrieved", "settle"]
 
@@ -106,32 +107,54 @@ def _apply(
     # transaction that upgrades later can fail at once with "database is locked".
     db.execute("BEGIN IMMEDIATE")
     try:
-        for pending in batch:
-            if not isolated:
-                try:
-                    outcomes.append((pending.write(db), None))
-                except sqlite3.OperationalError:
-                    raise
-                except Exception as exc:
-                    raise _WriteFailed from exc
-                continue
-            db.execute("SAVEPOINT flowcore_write")
-            try:
-                result = pending.write(db)
-            except sqlite3.OperationalError:
-                raise
-            except Exception as exc:
-                db.execute("ROLLBACK TO flowcore_write")
-                outcomes.append((None, exc))
-            else:
-                outcomes.append((result, None))
-            db.execute("RELEASE flowcore_write")
+        (_apply_isolated if isolated else _apply_grouped)(db, batch, outcomes)
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
     return outcomes
+
+
+def _apply_isolated(db: sqlite3.Connection, batch: list[Pending],
+                    outcomes: list[tuple[Any, BaseException | None]]) -> None:
+    """Apply each write in a savepoint of its own: a failing write is rolled back alone."""
+    for pending in batch:
+        db.execute("SAVEPOINT flowcore_write")
+        try:
+            result = pending.write(db)
+        except sqlite3.OperationalError:
+            raise
+        except Exception as exc:
+            db.execute("ROLLBACK TO flowcore_write")
+            outcomes.append((None, exc))
+        else:
+            outcomes.append((result, None))
+        db.execute("RELEASE flowcore_write")
+
+
+def _apply_grouped(db: sqlite3.Connection, batch: list[Pending],
+                   outcomes: list[tuple[Any, BaseException | None]]) -> None:
+    """Apply the batch with no savepoints, step writes that follow one another together
+    (see _sqlite_steps); any failure but a locked database fails the whole batch."""
+    index = 0
+    while index < len(batch):
+        write = batch[index].write
+        try:
+            if type(write) is StepWrite:
+                end = index + 1
+                while end < len(batch) and type(batch[end].write) is StepWrite:
+                    end += 1
+                apply_step_writes(db, [cast(StepWrite, p.write) for p in batch[index:end]])
+                outcomes.extend([(None, None)] * (end - index))
+                index = end
+                continue
+            outcomes.append((write(db), None))
+        except sqlite3.OperationalError:
+            raise
+        except Exception as exc:
+            raise _WriteFailed from exc
+        index += 1
 
 
 _Settled = list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]

@@ -12,10 +12,9 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from flowcore._models import ArtifactVersion, PipelineRun, RunStatus, StepRun, StepStatus, encodable
+from flowcore._models import PipelineRun, RunStatus, StepRun, StepStatus, encodable
 from flowcore.exceptions import RunNameConflictError
-from flowcore.stores._sqlite_inline import payload_of
-from flowcore.stores._sqlite_reads import ARTIFACT_COLUMNS, RUN_COLUMNS, STEP_COLUMNS, find_run_row
+from flowcore.stores._sqlite_reads import RUN_COLUMNS, STEP_COLUMNS, find_run_row
 from flowcore.stores._sqlite_schema import (
     encode_config,
     encode_hook_errors,
@@ -63,12 +62,11 @@ def _step_values(sr: StepRun, *, with_config: bool = True) -> tuple[Any, ...]:
 
 
 def insert_run(run: PipelineRun, *, pid: int, host: str, now: datetime) -> Write[None]:
-    """Insert a run and all its step runs; a used name raises RunNameConflictError."""
+    """Insert a run (not its step runs: see insert_step_rows); a used name raises
+    RunNameConflictError."""
     run_row = (run.id, run.name, run.pipeline_name, run.status.value, to_iso(run.start_time),
                to_iso(run.end_time), encode_mapping(run.parameters), int(run.unlisted),
                run.resumed_from, run.source, pid, host, to_iso(now))
-    step_rows = [(sr.id, run.id, sr.name, sr.step_name, *_step_values(sr), position)
-                 for position, sr in enumerate(run.steps.values())]
 
     def write(db: sqlite3.Connection) -> None:
         try:
@@ -86,6 +84,20 @@ def insert_run(run: PipelineRun, *, pid: int, host: str, now: datetime) -> Write
             ) from None
         db.execute("INSERT OR IGNORE INTO pipelines (name, created) VALUES (?, ?)",
                    _row((run.pipeline_name, to_iso(now))))
+
+    return write
+
+
+def insert_step_rows(run: PipelineRun) -> Write[None] | None:
+    """Insert the step runs a run has now (its plan), in order; None if it has none.
+
+    The rows are made now, on the event loop, from the step runs as they are."""
+    if not run.steps:
+        return None
+    step_rows = [(sr.id, run.id, sr.name, sr.step_name, *_step_values(sr), position)
+                 for position, sr in enumerate(run.steps.values())]
+
+    def write(db: sqlite3.Connection) -> None:
         db.executemany(f"INSERT INTO step_runs ({STEP_COLUMNS}, position) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        [_row(r) for r in step_rows])
@@ -125,81 +137,6 @@ def heartbeat(run_id: str, now: datetime) -> Write[None]:
         db.execute("UPDATE runs SET heartbeat = ? WHERE id = ?", row)
 
     return write
-
-
-# The config is written once, with the row; status writes leave it alone.
-_UPDATE_STEP = (
-    "UPDATE step_runs SET status = ?, attempts = ?, cache_key = ?, cache_miss_reason = ?, "
-    "start_time = ?, end_time = ?, error_type = ?, error_message = ?, error_traceback = ?, "
-    "hook_errors = ?, cache_components = ?, waited = ? WHERE id = ?"
-)
-_INSERT_STEP = (
-    f"INSERT INTO step_runs ({STEP_COLUMNS}, position) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-    "(SELECT COALESCE(MAX(position), -1) + 1 FROM step_runs WHERE run_id = ?))"
-)
-
-
-def upsert_step_run(
-    run: PipelineRun, sr: StepRun, now: datetime, *, beat: bool = True,
-) -> Write[None]:
-    """Insert or update a step run with its outputs and, once completed, its cache entry."""
-    values = _step_values(sr, with_config=False)
-    update_row = (*values, sr.id)
-    config = sr.config
-
-    def insert_row() -> tuple[Any, ...]:
-        return (sr.id, run.id, sr.name, sr.step_name, *values, encode_config(config),
-                json.dumps(list(sr.upstream)), run.id)
-    artifacts = list(sr.outputs.values())
-    output_rows = [(sr.id, name, a.id) for name, a in sr.outputs.items()]
-    cache_row = None
-    if sr.status is StepStatus.COMPLETED and sr.cache_key is not None:
-        cache_row = (sr.cache_key, sr.id, run.pipeline_name, to_iso(now))
-    beat_write = heartbeat(run.id, now) if beat else None
-    logs = sr.logs if sr.status.is_finished else None
-
-    def write(db: sqlite3.Connection) -> None:
-        if db.execute(_UPDATE_STEP, _row(update_row)).rowcount == 0:
-            # Not recorded by create_run (a fan-out element): it goes after the others.
-            db.execute(_INSERT_STEP, _row(insert_row()))
-        if artifacts:
-            db.executemany(
-                f"INSERT OR IGNORE INTO artifacts ({ARTIFACT_COLUMNS}, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                # The hash is read here, off the loop: an in-memory artifact computes it.
-                [_row((a.id, a.name, a.uri, a.materializer, a.data_type, _content_hash(a), a.size,
-                       a.producer_step_run_id, a.python_version, payload_of(a), to_iso(now)))
-                 for a in artifacts],
-            )
-            db.executemany(
-                "INSERT INTO step_outputs (step_run_id, output_name, artifact_id) "
-                "VALUES (?, ?, ?) ON CONFLICT(step_run_id, output_name) "
-                "DO UPDATE SET artifact_id = excluded.artifact_id",
-                [_row(r) for r in output_rows],
-            )
-        if cache_row is not None:
-            db.execute(
-                "INSERT INTO cache_entries (cache_key, step_run_id, pipeline_name, created) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT(cache_key) DO UPDATE SET "
-                "step_run_id = excluded.step_run_id, pipeline_name = excluded.pipeline_name, "
-                "created = excluded.created",
-                _row(cache_row),
-            )
-        if logs:
-            db.execute("INSERT OR REPLACE INTO step_logs (step_run_id, text) VALUES (?, ?)",
-                       (sr.id, encodable(logs)))
-        if beat_write is not None:
-            beat_write(db)
-
-    return write
-
-
-def _content_hash(artifact: ArtifactVersion) -> str | None:
-    try:
-        return artifact.content_hash
-    except RuntimeError:  # an artifact that cannot tell its hash; store it without one
-        return None
 
 
 def delete_run(db: sqlite3.Connection, name_or_id: str) -> None:

@@ -176,9 +176,12 @@ def to_iso(value: datetime | None) -> str | None:
     """A UTC ISO-8601 text with microseconds (so text order is time order); naive means UTC."""
     if value is None:
         return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat(timespec="microseconds")
+    if value.tzinfo is not UTC:
+        value = (value.replace(tzinfo=UTC) if value.tzinfo is None else value).astimezone(UTC)
+    # isoformat() without `timespec` is about twice as fast (a few calls per step); it drops
+    # a zero microsecond, put back so every text has the same width.
+    text = value.isoformat()
+    return text if value.microsecond else f"{text[:19]}.000000{text[19:]}"
 
 
 def from_iso(value: str | None) -> datetime | None:
@@ -225,13 +228,25 @@ def encode_config(config: StepRunConfig) -> str:
         config.experiment_tracker is None
     ):
         return _PLAIN_CONFIG[config.enable_cache]
+    parameters, settings = config.parameters, config.settings
+    if type(parameters) is dict and type(settings) is dict and all(
+            type(k) is str for k in parameters) and all(type(k) is str for k in settings):
+        # The common case, in one encoding: what the checked form below gives when every
+        # value is JSON already.
+        try:
+            return json.dumps({"parameters": parameters, "enable_cache": config.enable_cache,
+                               "step_operator": config.step_operator,
+                               "experiment_tracker": config.experiment_tracker,
+                               "settings": settings}, default=_json_default)
+        except (TypeError, ValueError, RecursionError):
+            pass
     return json.dumps(
         {
-            "parameters": _safe(config.parameters),
+            "parameters": _safe(parameters),
             "enable_cache": config.enable_cache,
             "step_operator": config.step_operator,
             "experiment_tracker": config.experiment_tracker,
-            "settings": _safe(config.settings),
+            "settings": _safe(settings),
         },
         default=_json_default,
     )
