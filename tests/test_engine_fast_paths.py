@@ -1,0 +1,158 @@
+"""The engine's fast paths give exactly what the slow paths they stand in for give.
+
+Each fast path (a cached JSON encoder, scalars written directly, a cache key's static part
+found by its content, a step's code facts found by id) is checked against the plain
+computation it replaces, on values chosen to tell them apart (1, 1.0, True, -0.0, NaN,
+surrogates, nesting), so a shortcut that drifted would fail here before a cache hit could
+be wrong (API.md section 6).
+"""
+
+from __future__ import annotations
+
+import enum
+import gc
+import hashlib
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flowcore import _cache, pipeline, step
+from flowcore._canonical import canonical
+from flowcore._code_identity import code_components, code_facts, digest_of
+
+
+class Colour(enum.IntEnum):
+    RED = 1
+
+
+class Tag(str):
+    pass
+
+
+scalars = (st.none() | st.booleans() | st.integers() | st.integers(-2**70, 2**70)
+           | st.floats(allow_nan=True, allow_infinity=True) | st.just(-0.0)
+           | st.text() | st.text(alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF))
+           | st.just(Colour.RED) | st.builds(Tag, st.text(max_size=5)))
+json_forms = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_forms)
+def test_json_text_is_json_dumps(form: Any) -> None:
+    assert _cache.json_text(form) == json.dumps(form, sort_keys=True, separators=(",", ":"))
+
+
+class Opaque:
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(scalars | st.builds(Opaque),
+                    lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                    max_leaves=20))
+def test_digest_of_is_the_sha256_of_json_dumps(form: Any) -> None:
+    text = json.dumps(form, sort_keys=True, separators=(",", ":"), default=repr)
+    assert digest_of(form) == hashlib.sha256(text.encode()).hexdigest()
+
+
+# -- the static part of a cache key -----------------------------------------------------------
+
+
+@step
+def keyed(k: Any) -> int:
+    return 1
+
+
+@pipeline(enable_cache=True)
+def keyed_pipeline(k: Any) -> None:
+    keyed(k=k)
+
+
+def reference_static(node: Any) -> tuple[dict[str, str], str]:
+    """The static components and digest as computed before the fast paths (json.dumps with
+    keywords per parameter, the sha256 of the sorted items' repr every time)."""
+    sig = node.step.signature
+    components = {
+        "version": _cache.CACHE_KEY_VERSION,
+        "source": digest_of([sig.source, list(sig.output_names)]),
+        "settings": _cache._EMPTY,
+        "materializers": _cache._EMPTY,
+    }
+    for name, value in node.config.parameters.items():
+        text = json.dumps(canonical(value, name), sort_keys=True, separators=(",", ":"))
+        components[f"parameter:{name}"] = (
+            text if len(text) <= 64 else hashlib.sha256(text.encode()).hexdigest())
+    digest = hashlib.sha256(repr(sorted(components.items())).encode()).hexdigest()
+    return components, digest
+
+
+def static_of(value: Any) -> tuple[dict[str, str], str]:
+    node = keyed_pipeline.compile(k=value).nodes[0]
+    components = _cache._static_components(node, {})
+    assert node.static_digest is not None
+    return components, node.static_digest
+
+
+param_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.just(-0.0)
+    | st.text(max_size=80) | st.just(Colour.RED),
+    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=6) | st.integers(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(param_values, min_size=1, max_size=6))
+def test_static_components_match_the_plain_computation(values: list[Any]) -> None:
+    # In sequence, so entries found by content from earlier values are exercised too.
+    for value in values:
+        assert static_of(value) == reference_static(keyed_pipeline.compile(k=value).nodes[0])
+
+
+def test_values_equal_in_python_but_not_in_content_get_their_own_static_digest() -> None:
+    values = (1, 1.0, True, "1", 0.0, -0.0, 0, False, None, [1], (1,), {"a": 1}, {1: 1})
+    for _ in range(2):  # the second time through, every digest is found by content
+        digests = [static_of(value)[1] for value in values]
+        assert len(set(digests)) == len(values)
+
+
+# -- a step's code facts, found by the id of its code ---------------------------------------
+
+
+def test_code_components_of_new_code_objects_are_their_own() -> None:
+    """Functions made and dropped one after another (their code objects' ids are free to be
+    reused) each get the facts of their own code."""
+    digests = []
+    for n in range(30):
+        namespace: dict[str, Any] = {}
+        exec(f"def f(x):\n    return x + {n}\n", namespace)  # a fresh code object
+        fn = namespace.pop("f")
+        got = code_components(fn, "f")
+        assert got == {"code": code_facts(fn.__code__).digest}
+        digests.append(got["code"])
+        del fn, namespace
+        gc.collect()
+    assert len(set(digests)) == 30
+
+
+def test_a_global_defined_after_the_first_lookup_enters_the_key() -> None:
+    namespace: dict[str, Any] = {}
+    exec("def f(x):\n    return x + LATE\n", namespace)
+    fn = namespace["f"]
+    assert set(code_components(fn, "f")) == {"code"}
+    namespace["LATE"] = 5
+    first = code_components(fn, "f")
+    namespace["LATE"] = 6
+    second = code_components(fn, "f")
+    assert any(k.startswith("global:") for k in first)
+    assert first != second
