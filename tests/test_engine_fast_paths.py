@@ -13,6 +13,8 @@ import enum
 import gc
 import hashlib
 import json
+import os
+import tempfile
 from typing import Any
 
 from hypothesis import given, settings
@@ -21,6 +23,9 @@ from hypothesis import strategies as st
 from flowcore import _cache, pipeline, step
 from flowcore._canonical import canonical
 from flowcore._code_identity import code_components, code_facts, digest_of
+from flowcore.materializers._builtin import BuiltInContainerMaterializer, BuiltInMaterializer
+from flowcore.materializers._content import directory_digest, files_digest
+from flowcore.materializers._json import dumps_pieces, dumps_text
 
 
 class Colour(enum.IntEnum):
@@ -156,3 +161,51 @@ def test_a_global_defined_after_the_first_lookup_enters_the_key() -> None:
     second = code_components(fn, "f")
     assert any(k.startswith("global:") for k in first)
     assert first != second
+
+
+# -- materializers' JSON and content hashes ---------------------------------------------------
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_forms, st.booleans(), st.booleans(),
+       st.sampled_from([(", ", ": "), (",", ":")]))
+def test_dumps_text_and_pieces_are_json_dumps(form: Any, ensure_ascii: bool, sort_keys: bool,
+                                              separators: tuple[str, str]) -> None:
+    expected = json.dumps(form, ensure_ascii=ensure_ascii, sort_keys=sort_keys,
+                          separators=separators)
+    assert dumps_text(form, ensure_ascii=ensure_ascii, sort_keys=sort_keys,
+                      separators=separators) == expected
+    assert "".join(dumps_pieces(form, ensure_ascii=ensure_ascii, sort_keys=sort_keys,
+                                separators=separators)) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(scalars | st.lists(scalars, max_size=5))
+def test_builtin_files_are_those_the_slow_path_writes(value: Any) -> None:
+    """The bytes (hence the content hash) of a built-in artifact do not depend on the path."""
+    materializer = BuiltInMaterializer if type(value) is not list else BuiltInContainerMaterializer
+    try:
+        files = materializer.files_for(value)
+    except Exception:
+        files = None
+    if files is None:
+        return
+    payload = value if materializer is BuiltInMaterializer else {"kind": "list", "value": value}
+    try:
+        slow = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        slow = json.dumps(payload).encode("ascii")
+    assert files == {"data.json": slow}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["data.json", ".flowcore-meta", "a/b.bin", "x", "é"]),
+                       st.binary(max_size=64), min_size=1, max_size=3))
+def test_files_digest_is_the_digest_of_the_same_directory(files: dict[str, bytes]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for rel, data in files.items():
+            path = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        assert files_digest(files) == directory_digest(tmp)
