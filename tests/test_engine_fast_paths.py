@@ -9,6 +9,8 @@ be wrong (API.md section 6).
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import enum
 import gc
 import hashlib
@@ -17,12 +19,14 @@ import os
 import tempfile
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowcore import _cache, pipeline, step
+from flowcore import ExecutionMode, RunFailedError, Stack, StepStatus, _cache, pipeline, step
 from flowcore._canonical import canonical
 from flowcore._code_identity import code_components, code_facts, digest_of
+from flowcore._engine import _scheduler
 from flowcore.materializers._builtin import BuiltInContainerMaterializer, BuiltInMaterializer
 from flowcore.materializers._content import directory_digest, files_digest
 from flowcore.materializers._json import dumps_pieces, dumps_text
@@ -209,3 +213,81 @@ def test_files_digest_is_the_digest_of_the_same_directory(files: dict[str, bytes
             with open(path, "wb") as f:
                 f.write(data)
         assert files_digest(files) == directory_digest(tmp)
+
+
+# -- a chain's next step in the same task --------------------------------------------------
+
+
+BODY_TASKS: list[str] = []  # the (unique) names of the tasks the bodies ran in
+SEEN_VAR: list[Any] = []
+CHAIN_VAR: contextvars.ContextVar[int] = contextvars.ContextVar("chain_var", default=-1)
+
+
+@step(enable_cache=False)
+async def link(x: int, k: int) -> int:
+    task = asyncio.current_task()
+    BODY_TASKS.append(task.get_name() if task is not None else "")
+    SEEN_VAR.append(CHAIN_VAR.get())
+    CHAIN_VAR.set(k)  # a body's context change is seen downstream either way (a copy)
+    if k == FAIL_AT[0]:
+        raise RuntimeError(f"link {k} fails")
+    return x + k
+
+
+FAIL_AT = [-1]
+
+
+@pipeline(enable_cache=False, execution_mode=ExecutionMode.FAIL_FAST)
+def chain_of(n: int) -> None:
+    x = link(0, k=0)
+    for k in range(1, n):
+        x = link(x, k=k)
+
+
+async def run_chain(n: int, fail_at: int = -1) -> tuple[dict[str, Any], int, list[Any]]:
+    """(each step's status and output, the tasks the bodies ran in, what each body saw)."""
+    BODY_TASKS.clear()
+    SEEN_VAR.clear()
+    FAIL_AT[0] = fail_at
+    try:
+        run = await chain_of.with_options(stack=Stack.in_memory()).run(n=n)
+    except RunFailedError as exc:
+        run = exc.run
+    steps = {name: (sr.status, sr.output.load() if sr.outputs else None)
+             for name, sr in run.steps.items()}
+    return steps, len(set(BODY_TASKS)), list(SEEN_VAR)
+
+
+@pytest.mark.parametrize("fail_at", [-1, 0, 7, 16, 17, 39])
+async def test_a_chain_run_in_few_tasks_ends_as_one_task_per_step_does(
+        monkeypatch: pytest.MonkeyPatch, fail_at: int) -> None:
+    fast, fast_tasks, fast_seen = await run_chain(40, fail_at)
+    monkeypatch.setattr(_scheduler, "_IN_A_ROW", 1)  # every step a task of its own
+    slow, slow_tasks, slow_seen = await run_chain(40, fail_at)
+    assert fast == slow
+    assert fast_seen == slow_seen
+    ran = 40 if fail_at < 0 else fail_at + 1
+    assert slow_tasks == ran
+    assert fast_tasks == -(-ran // 16)  # ceil: a new task after every 16 steps
+    if fail_at >= 0:
+        assert fast[f"link_{fail_at + 1}" if fail_at else "link"][0] is StepStatus.FAILED
+        assert all(status is StepStatus.SKIPPED for status, _ in list(fast.values())[ran:])
+
+
+async def test_a_chain_of_steps_that_never_wait_still_lets_the_loop_run() -> None:
+    """Other tasks get a turn at least every `_IN_A_ROW` steps of a chain."""
+    ticks: list[int] = []
+
+    async def ticker() -> None:
+        while True:
+            ticks.append(len(BODY_TASKS))
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    try:
+        await run_chain(64)
+    finally:
+        task.cancel()
+    during = sorted({t for t in ticks if 0 < t < 64})
+    gaps = [b - a for a, b in zip([0, *during], [*during, 64], strict=True)]
+    assert max(gaps) <= 16, gaps
