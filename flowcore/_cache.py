@@ -266,11 +266,24 @@ def _path_components(paths: list[str], where: str) -> dict[str, str]:
     return out
 
 
+# (static digest, this lookup's components in order) -> the key, for lookups that recur (a
+# cached re-run): the repr and the hash cost more than finding them by exact content.
+_KEYS: dict[tuple[str | None, tuple[tuple[str, str], ...]], str] = {}
+_KEYS_LIMIT = 4096
+
+
 def key_of(node: Node, dynamic: Mapping[str, str]) -> str:
     """The cache key: one digest over the node's static digest and this lookup's components
     (the static ones are summed up once, so a lookup hashes only a few short strings)."""
-    text = f"{node.static_digest}|{sorted(dynamic.items())!r}"
-    return hashlib.sha256(text.encode()).hexdigest()
+    content = (node.static_digest, tuple(dynamic.items()))
+    key = _KEYS.get(content)
+    if key is None:
+        text = f"{node.static_digest}|{sorted(dynamic.items())!r}"
+        key = hashlib.sha256(text.encode()).hexdigest()
+        if len(_KEYS) >= _KEYS_LIMIT:
+            _KEYS.clear()
+        _KEYS[content] = key
+    return key
 
 
 async def compute_cache_key(

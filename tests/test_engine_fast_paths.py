@@ -291,3 +291,22 @@ async def test_a_chain_of_steps_that_never_wait_still_lets_the_loop_run() -> Non
     during = sorted({t for t in ticks if 0 < t < 64})
     gaps = [b - a for a, b in zip([0, *during], [*during, 64], strict=True)]
     assert max(gaps) <= 16, gaps
+
+
+component_names = st.sampled_from(["code", "input:x", "input:y", "element", "closure:n",
+                                   "global:m:RATE"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a" * 64, "b" * 64, None]),
+                          st.dictionaries(component_names, st.text(max_size=70), max_size=4)),
+                min_size=1, max_size=6))
+def test_key_of_is_the_digest_of_its_text(lookups: list[tuple[str | None, dict[str, str]]]
+                                          ) -> None:
+    """Keys found again by their content are the keys computed afresh."""
+    node = keyed_pipeline.compile(k=1).nodes[0]
+    for _ in range(2):
+        for static_digest, dynamic in lookups:
+            node.static_digest = static_digest
+            text = f"{static_digest}|{sorted(dynamic.items())!r}"
+            assert _cache.key_of(node, dynamic) == hashlib.sha256(text.encode()).hexdigest()

@@ -397,6 +397,16 @@ class Scheduler:
     def _input_hashes(self, node: Node) -> dict[str, Any]:
         artifacts = self.artifacts
         index = self.index
+        if not node.nested_refs:
+            # The common case, without the nested walk (the same identity as `h` gives).
+            out: dict[str, Any] = {}
+            for key, ref in node.direct_refs:
+                arts = artifacts[index[ref.node_id]]
+                assert arts is not None
+                artifact = arts[ref.output]
+                # Content and type: a Fahrenheit(10) is not a Celsius(10).
+                out[key] = {"artifact": artifact.content_hash, "type": artifact.data_type}
+            return out
 
         def h(value: Any) -> Any:
             if isinstance(value, OutputRef):
@@ -411,9 +421,9 @@ class Scheduler:
                 return {k: h(v) for k, v in value.items()}
             return value
 
-        out: dict[str, Any] = {}
+        nested: dict[str, Any] = {}
         for key, ref in node.direct_refs:
-            out[key] = h(ref)
+            nested[key] = h(ref)
         for key, template in node.nested_refs:
-            out[key] = h(template)
-        return out
+            nested[key] = h(template)
+        return nested
