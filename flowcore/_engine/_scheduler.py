@@ -1,10 +1,12 @@
 """The scheduler: drives a graph's ready set inside one task group of step tasks.
 
 A step task is created the moment its last dependency ends (the finishing task launches its
-ready children itself: no polling, no batches). The task group does the waiting (its exit
-waits for every task, also those launched later) and the aborting: under FAIL_FAST a failure
-aborts the steps group at once, as the group does itself when a child raises (trio's
-`nursery.cancel_scope.cancel()`), and the failed step's hooks run after the group has ended.
+ready children itself: no polling, no batches); when a step makes exactly one other ready (a
+chain), the finishing task runs that one itself, up to `_IN_A_ROW` steps in a row. The task
+group does the waiting (its exit waits for every task, also those launched later) and the
+aborting: under FAIL_FAST a failure aborts the steps group at once, as the group does itself
+when a child raises (trio's `nursery.cancel_scope.cancel()`), and the failed step's hooks run
+after the group has ended.
 Once a step has failed in a stopping mode no body starts: the gate says no before the
 failure's hooks run, to tasks launched earlier, to steps waiting for a slot and to retries.
 """
@@ -221,8 +223,8 @@ class Scheduler:
 
     def _after(self, i: int, *, ok: bool, go_on: bool = False) -> int | None:
         """Account for step `i`'s end and hand out what became ready. With `go_on`, a single
-        step made ready is returned, for the caller to run in its own task (a chain), instead
-        of launched in a task of its own."""
+        step made ready is returned, for the caller to run next in the same task (a chain),
+        instead of launched in a task of its own."""
         # Release upstream values nobody downstream needs any more.
         left = self.consumers_left
         for p in self.nodes[i].data_parents:
