@@ -51,7 +51,8 @@ class CaptureBuffer:
         if limit_bytes is not None and limit_bytes < 0:
             raise ValueError(f"limit_bytes must be >= 0 or None, not {limit_bytes}")
         self._limit = limit_bytes
-        self._chunks: collections.deque[str] = collections.deque()
+        # Made on the first append: most steps print nothing, and a buffer is made per step.
+        self._chunks: collections.deque[str] | None = None
         self._held = 0  # characters in _chunks
         self._dropped = 0  # characters dropped from the front so far
         # One lock for every buffer: appends are short and rare next to a step's other work,
@@ -68,11 +69,13 @@ class CaptureBuffer:
                 # One write longer than the limit: only its end can be kept; hold no more.
                 self._dropped += len(text) - limit
                 text = text[len(text) - limit:] if limit else ""
-            self._chunks.append(text)
+            chunks = self._chunks
+            if chunks is None:
+                chunks = self._chunks = collections.deque()
+            chunks.append(text)
             self._held += len(text)
             if limit is None:
                 return
-            chunks = self._chunks
             # Drop whole chunks only while what is left still covers the limit.
             while chunks and self._held - len(chunks[0]) >= limit:
                 first = chunks.popleft()
@@ -89,10 +92,14 @@ class CaptureBuffer:
     def text(self) -> str | None:
         """The kept output, after a marker line saying how much was dropped; None if the step
         wrote nothing."""
+        if self._chunks is None and not self._dropped:
+            # Nothing written yet (the common step): no lock. An append racing this read
+            # (a timed-out sync body still printing) counts as one made just after it.
+            return None
         with self._lock:
             if not self._chunks and not self._dropped:
                 return None
-            kept = "".join(self._chunks)
+            kept = "".join(self._chunks or ())
             dropped = self._dropped
         if self._limit is not None and len(kept) > self._limit:
             cut = len(kept) - self._limit

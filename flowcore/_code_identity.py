@@ -46,10 +46,14 @@ _CONTAINERS = (list, set, dict, collections.deque)
 _LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_CLASSDEREF"})
 
 
+# `json.dumps(form, sort_keys=True, separators=(",", ":"), default=repr)` without a new
+# encoder per call (what json.dumps builds for any non-default keyword).
+_encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=repr).encode
+
+
 def digest_of(form: Any) -> str:
     """sha256 of a JSON-able form (keys sorted, so equal forms give equal digests)."""
-    text = json.dumps(form, sort_keys=True, separators=(",", ":"), default=repr)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(_encode(form).encode()).hexdigest()
 
 
 # -- static facts, once per code object -------------------------------------------------------
@@ -66,6 +70,11 @@ class CodeFacts:
 
 
 _facts: weakref.WeakKeyDictionary[types.CodeType, CodeFacts] = weakref.WeakKeyDictionary()
+# id(code) -> (code, facts) for the code of step functions, looked up on every cache lookup:
+# a plain dict costs a tenth of the weak one (which makes a weakref per lookup). The entry
+# holds the code object, so its id is not reused while the entry lives; bounded.
+_step_facts: dict[int, tuple[types.CodeType, CodeFacts]] = {}
+_STEP_FACTS_LIMIT = 10_000
 
 
 def code_facts(code: types.CodeType) -> CodeFacts:
@@ -74,6 +83,17 @@ def code_facts(code: types.CodeType) -> CodeFacts:
     if found is None:
         found = _facts[code] = _analyse(code)
     return found
+
+
+def _step_code_facts(code: types.CodeType) -> CodeFacts:
+    entry = _step_facts.get(id(code))
+    if entry is not None and entry[0] is code:
+        return entry[1]
+    facts = code_facts(code)
+    if len(_step_facts) >= _STEP_FACTS_LIMIT:
+        _step_facts.clear()
+    _step_facts[id(code)] = (code, facts)
+    return facts
 
 
 def _const_form(value: Any) -> Any:
@@ -358,10 +378,16 @@ def code_components(func: Callable[..., Any], step_label: str) -> dict[str, str]
     """
     if type(func) is types.FunctionType and func.__closure__ is None and not func.__defaults__ \
             and not func.__kwdefaults__:
-        facts = code_facts(func.__code__)
-        namespace = func.__globals__
-        if not any(name in namespace for name in facts.globals):
+        facts = _step_code_facts(func.__code__)
+        names = facts.globals
+        if not names:
             return {"code": facts.digest}  # the common step: nothing but its own code
+        namespace = func.__globals__
+        for name in names:
+            if name in namespace:
+                break
+        else:
+            return {"code": facts.digest}  # only builtins (or names not defined yet)
     walk = _Walk()
     where = f"step '{step_label}'"
     target: Any = func

@@ -161,19 +161,23 @@ class Invoker:
     async def invoke(self, node: Node, sr: StepRun, node_plan: NodePlan,
                      kwargs: dict[str, Any]) -> Outcome:
         """Run the attempts of one invocation whose inputs are resolved."""
-        sig = node.step.signature
+        step = node.step
+        sig = step.signature
         life = self.lifecycle
-        policy = node.config.retry
-        ctx = StepContext(
-            step_run=sr, pipeline_run=life.run, pipeline=self.plan.pipeline_info,
-            stack=self.plan.stack, output_names=sig.output_names,
-        )
+        cfg = node.config
+        policy = cfg.retry
+        pool = cfg.pool
+        hooks = node_plan.hooks
+        direct = node_plan.direct
+        ctx = StepContext(sr, life.run, self.plan.pipeline_info, self.plan.stack, 1,
+                          sig.output_names)
         token = set_step_context(ctx)
         capture = None
+        capture_token = None
         if self.plan.capture_logs:
-            limit = node.config.log_limit
+            limit = cfg.log_limit
             capture = _capture.CaptureBuffer(_capture.DEFAULT_LOG_LIMIT if limit is None else limit)
-        capture_token = _capture.set_buffer(capture) if capture is not None else None
+            capture_token = _capture.set_buffer(capture)
         previous_body: asyncio.Future[None] | None = None
         attempt = 0
         try:
@@ -186,7 +190,6 @@ class Invoker:
                 if attempt > 1 and not self.gate.may_start():
                     life.step_stopped(sr, _joined(capture))
                     return STOPPED
-                pool = node.config.pool
                 if pool is not None:
                     # A slot is held only while the body runs: not in retry waits, nor while
                     # upstream steps run, so pools never deadlock (API.md §16).
@@ -202,20 +205,20 @@ class Invoker:
                     if pool is not None:
                         await self._release_slot(pool, sr.id)
                     return STOPPED
-                if "on_start" in node_plan.hooks:
-                    await self._call_hook(sr, node_plan.hooks["on_start"])
+                if hooks and "on_start" in hooks:
+                    await self._call_hook(sr, hooks["on_start"])
                 # Timed only for the log line that reports it.
                 started = self.clock.monotonic() if life.log_on else 0.0
                 try:
-                    remote = not node_plan.direct and self.moves_data(node, node_plan)
+                    remote = not direct and self.moves_data(node, node_plan)
                     if attempt == 1 and sig.checked_inputs and not remote:
                         check_inputs(self.where, node, kwargs)
                     try:
-                        if node_plan.direct:
-                            result = await node.step.func(**kwargs)
+                        if direct:
+                            result = await step.func(**kwargs)
                         else:
                             done = None
-                            if node.config.timeout is not None and not sig.is_async and (
+                            if cfg.timeout is not None and not sig.is_async and (
                                 node_plan.operator is None
                             ):
                                 done = asyncio.get_running_loop().create_future()
@@ -259,7 +262,6 @@ class Invoker:
                     return STOPPED
                 if self.flush is not None:  # see __init__
                     await self.flush()
-                hooks = node_plan.hooks
                 if hooks and ("on_success" in hooks or "on_end" in hooks):
                     # The hooks' own copy: a hook changing it changes no consumer's input.
                     out = await isolated(output_value(node, values)) if not remote else (

@@ -10,6 +10,7 @@ from flowcore._engine._plan import NodePlan
 from flowcore._graph import Node
 from flowcore._models import ArtifactVersion, StepRun
 from flowcore.exceptions import MaterializerError, StepInputError, StepOutputError
+from flowcore.materializers import materializer_for
 from flowcore.stores._base import ArtifactStore
 
 __all__ = ["check_inputs", "output_value", "split_outputs", "store_outputs"]
@@ -92,12 +93,11 @@ async def store_outputs(
     """
     if not values:
         return {}
-    from flowcore.materializers import materializer_for
-
     chosen = plan.materializers
     artifacts = {}
     for name, value in values.items():
-        materializer = chosen.get(name) or chosen.get("*") or materializer_for(type(value))
+        materializer = (chosen.get(name) or chosen.get("*") if chosen else None
+                        ) or materializer_for(type(value))
         try:
             artifacts[name] = await store.save(
                 value,

@@ -16,7 +16,7 @@ from typing import Any, TypeGuard
 
 from flowcore.exceptions import MaterializerError
 from flowcore.materializers._base import Materializer
-from flowcore.materializers._json import dumps_pieces, loads_text
+from flowcore.materializers._json import dumps_pieces, dumps_text, loads_text
 
 __all__ = [
     "BuiltInContainerMaterializer",
@@ -53,6 +53,12 @@ def _json_exact(value: Any) -> bool:
 
 def _json_parts(payload: Any) -> list[bytes]:
     """`json.dumps(payload, ensure_ascii=False)` as UTF-8, in bounded pieces (see _json)."""
+    if type(payload) in _PRIMITIVES:  # one piece: no generator, no encoder
+        text = dumps_text(payload, ensure_ascii=False)
+        try:
+            return [text.encode("utf-8")]
+        except UnicodeEncodeError:
+            return [dumps_text(payload).encode("ascii")]  # see below
     try:
         return [p.encode("utf-8") for p in dumps_pieces(payload, ensure_ascii=False)]
     except UnicodeEncodeError:

@@ -11,19 +11,64 @@ would give, so content hashes do not depend on which path wrote a value.
 from __future__ import annotations
 
 import json
+import json.encoder
+import math
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from flowcore.materializers._estimate import SMALL_BYTES, roughly_small
 
-__all__ = ["dumps_pieces", "loads_text"]
+__all__ = ["dumps_pieces", "dumps_text", "loads_text"]
 
 _ITEMS = 1_000  # items per encoded piece of a large list or dict
 _FAILED_CUTS = 8  # cut points tried in a row before the rest is decoded in one call
 
 # The container document of BuiltInContainerMaterializer: {"kind": ..., "value": <container>}.
 _ENVELOPE = re.compile(r'\{"kind": "(?:list|dict|tuple|set|frozenset)", "value": ')
+
+
+# One encoder per set of options: `json.dumps` with any non-default keyword builds a new
+# JSONEncoder on every call (a microsecond of a small value's two). Encoding is reentrant:
+# an encoder keeps no state between calls.
+_ENCODERS: dict[tuple[bool, bool, tuple[str, str]], Callable[[Any], str]] = {}
+
+
+def _encoder(ensure_ascii: bool, sort_keys: bool,
+             separators: tuple[str, str]) -> Callable[[Any], str]:
+    key = (ensure_ascii, sort_keys, separators)
+    found = _ENCODERS.get(key)
+    if found is None:
+        found = _ENCODERS[key] = json.JSONEncoder(
+            ensure_ascii=ensure_ascii, sort_keys=sort_keys, separators=separators).encode
+    return found
+
+
+def dumps_text(
+    value: Any,
+    *,
+    ensure_ascii: bool = True,
+    sort_keys: bool = False,
+    separators: tuple[str, str] = (", ", ": "),
+) -> str:
+    """`json.dumps(value, ...)` with these options, in one piece (for a value known small);
+    the scalars most outputs are written directly, as json's C encoder writes them."""
+    kind = type(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is str:
+        return _escape_ascii(value) if ensure_ascii else _escape(value)
+    if value is None:
+        return "null"
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
+    return _encoder(ensure_ascii, sort_keys, separators)(value)
+
+
+_escape_ascii = json.encoder.encode_basestring_ascii
+_escape = json.encoder.encode_basestring
 
 
 def dumps_pieces(
@@ -38,11 +83,8 @@ def dumps_pieces(
     Small values come as one piece; a large list, tuple or dict as bounded pieces (nested
     large containers are split too).
     """
-    def dumps(v: Any) -> str:
-        return json.dumps(v, ensure_ascii=ensure_ascii, sort_keys=sort_keys,
-                          separators=separators)
-
-    yield from _pieces(value, dumps, separators, sort_keys)
+    yield from _pieces(value, _encoder(ensure_ascii, sort_keys, separators), separators,
+                       sort_keys)
 
 
 def _pieces(value: Any, dumps: Callable[[Any], str], separators: tuple[str, str],
